@@ -1,0 +1,3 @@
+from dsran.pipelines.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Stage 3: the Recall@K retrieval protocols and their reports."""

@@ -1,0 +1,1 @@
+"""The ``dsran`` command line and the parameter presets of the DVC pipeline."""
