@@ -4,9 +4,8 @@ Seeded random 1024-d embeddings of 5,000 images and 25,000 captions (5 per image
 size of the COCO 5K test protocol). The reference loop follows the evaluation scripts
 that image-text matching papers publish: for every query, sort all candidate scores
 and look up the position of the positive. The two must give identical ranks except
-where a negative ties the positive's score exactly (float32 scores do tie now and
-then); there the reference's rank depends on the sort, and it must lie within the
-tie. The timed counting run is the one ``retrieval_metrics`` makes (no top-1 search);
+where a negative ties the positive's score exactly, which float32 scores do now and
+then. There the reference's rank depends on the sort, and it must lie within the tie. The timed counting run is the one ``retrieval_metrics`` makes (no top-1 search);
 a second run with the top-1 search of the reports is timed too.
 
     .venv/bin/python benchmarks/eval_recall.py [--images 5000] [--device cpu]

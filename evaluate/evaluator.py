@@ -34,7 +34,7 @@ class EvaluationError(RuntimeError):
 
 @dataclass
 class EvalOptions:
-    """What ``dsran eval`` evaluates and where it writes."""
+    """Settings of one ``dsran eval`` run: the models, the data, the protocol and the output."""
 
     protocol: str  # "test", "5k" or "1k-5fold"
     models: list[Path]  # run folders; several form an ensemble
@@ -164,7 +164,7 @@ def caption_max_length(config: Any) -> int:
 
 
 def default_out_dir(models: Sequence[Path]) -> Path:
-    """The report folder when --out is not given: ``eval/`` inside the first run folder."""
+    """Return the report folder used when --out is not given: ``eval/`` in the first run."""
     return Path(models[0]) / EVAL_SUBFOLDER
 
 

@@ -105,7 +105,7 @@ def check_caption_image(caption_image: Sequence[int] | np.ndarray, num_images: i
 
 @dataclass
 class _BlockCounts:
-    """What one block of image rows contributes, as numpy arrays. B rows, M captions."""
+    """Counts and maxima of one block of B image rows over M captions, as numpy arrays."""
 
     i2t_above: np.ndarray  # (B,) captions scoring strictly above each image's best positive
     t2i_above: np.ndarray  # (M,) images of the block scoring strictly above each positive
