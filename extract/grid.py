@@ -95,7 +95,7 @@ def build_resnet152_body(weights: Path | None, seed: int) -> nn.Sequential:
                 nn.init.constant_(module.bn3.weight, RANDOM_RESIDUAL_SCALE)
     else:
         network = resnet152()
-        _load_state_dict(network, weights)
+        network.load_state_dict(read_state_dict(weights))
     return nn.Sequential(
         network.conv1,
         network.bn1,
@@ -108,26 +108,49 @@ def build_resnet152_body(weights: Path | None, seed: int) -> nn.Sequential:
     )
 
 
-def _load_state_dict(network: nn.Module, weights: Path) -> None:
+def read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
+    """Read a ResNet152 state dict file and check its names and shapes against torchvision's."""
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises pickle, zip and runtime errors here
-        raise ExtractorError(
-            f"cannot read grid weights {weights}: {error}. Pass a torchvision ResNet152 "
-            "state dict saved with torch.save(model.state_dict(), PATH)."
-        ) from error
+        # mmap reads only what is used, so checking a file before the run costs little.
+        state = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        state = None  # files in the legacy (non-zip) format cannot be memory-mapped
+    except Exception as error:  # torch raises pickle, zip and unpickling errors here
+        raise _unreadable(weights, error) from error
+    if state is None:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise _unreadable(weights, error) from error
     if not isinstance(state, dict):
         raise ExtractorError(
             f"grid weights {weights} hold a {type(state).__name__}, not a state dict; "
             "save them with torch.save(model.state_dict(), PATH)"
         )
-    result = network.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    with torch.device("meta"):
+        expected = resnet152().state_dict()
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    wrong_shape = [
+        f"{name} {tuple(state[name].shape)} (expected {tuple(expected[name].shape)})"
+        for name in expected
+        if name in state and tuple(state[name].shape) != tuple(expected[name].shape)
+    ]
+    if missing or unexpected or wrong_shape:
         raise ExtractorError(
             f"grid weights {weights} do not match torchvision's ResNet152: "
-            f"{len(result.missing_keys)} missing parameters (first: {result.missing_keys[:3]}), "
-            f"{len(result.unexpected_keys)} unexpected (first: {result.unexpected_keys[:3]})"
+            f"{len(missing)} missing parameters (first: {missing[:3]}), "
+            f"{len(unexpected)} unexpected (first: {unexpected[:3]}), "
+            f"{len(wrong_shape)} with another shape (first: {wrong_shape[:3]})"
         )
+    return state
+
+
+def _unreadable(weights: Path, error: Exception) -> ExtractorError:
+    return ExtractorError(
+        f"cannot read grid weights {weights}: {error}. Pass a torchvision ResNet152 "
+        "state dict saved with torch.save(model.state_dict(), PATH)."
+    )
 
 
 class GridExtractor:
@@ -150,7 +173,10 @@ class GridExtractor:
         self.device = device
         self.precision = precision
         self.seed = seed
-        self.weights_sha256 = sha256_file(weights) if weights is not None else None
+        self.weights_sha256 = None
+        if weights is not None:
+            read_state_dict(weights)  # fail before any image is processed
+            self.weights_sha256 = sha256_file(weights)
         self.transform = transforms.Compose(
             [
                 transforms.Resize(RESIZE, interpolation=transforms.InterpolationMode.BILINEAR),
