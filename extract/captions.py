@@ -192,10 +192,10 @@ class _SuffixIndex:
             if not rows:
                 continue
             if len(rows) > 1:
-                shown = ", ".join(self.image_paths[row] for row in rows[:5])
+                examples = ", ".join(self.image_paths[row] for row in rows[:5])
                 raise CaptionError(
                     f"caption file {entry.source}: image {candidate!r} matches {len(rows)} "
-                    f"stored images ({shown}). Pass --images at a folder where each caption "
+                    f"stored images ({examples}). Pass --images at a folder where each caption "
                     "file name is unique, or use a caption file whose paths include the folder."
                 )
             return rows[0]

@@ -47,7 +47,7 @@ RANDOM_RESIDUAL_SCALE = 0.2
 
 
 def weights_file_name(weights: ResNet152_Weights) -> str:
-    """The file name torchvision stores a ResNet152 checkpoint under in its cache."""
+    """Return the file name under which torchvision caches a ResNet152 checkpoint."""
     return weights.url.rsplit("/", 1)[-1]
 
 

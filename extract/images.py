@@ -2,8 +2,8 @@
 
 Image ids are POSIX paths relative to the image folder, extension included, so ``a.jpg``
 and ``a.png`` stay two images. Decoding never enables Pillow's truncated-image loading:
-a file that cannot be decoded completely becomes an :class:`ImageFailure` and the run
-goes on with the next image.
+a file that cannot be decoded completely becomes an :class:`ImageLoadError` whose message
+the runner records as the image's failure reason, and the run goes on.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import logging
 import os
 import struct
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,28 +21,17 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
-# Transparent pixels are composited on white, the usual page background that photos
-# with alpha channels were made for. Black would turn transparent logos into dark blobs.
+# Transparent pixels are composited on opaque white, the background that most image
+# viewers and web pages show them on.
 ALPHA_BACKGROUND = (255, 255, 255)
 
-# Pillow modes that hold one channel of unsigned 16-bit samples (or 32-bit integers
+# Pillow modes that contain one channel of unsigned 16-bit samples (or 32-bit integers
 # read from 16-bit files); they are scaled to 8 bits by dividing by 257, so 65535 -> 255.
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 
 class ImageLoadError(Exception):
     """An image file could not be decoded; the message is the reason recorded in the store."""
-
-
-@dataclass(frozen=True)
-class ImageFailure:
-    """An image that could not be read: its id (relative path) and the reason."""
-
-    path: str
-    reason: str
-
-    def as_record(self) -> dict[str, str]:
-        return {"path": self.path, "reason": self.reason}
 
 
 def discover_images(root: str | Path) -> list[str]:
@@ -81,8 +69,8 @@ def load_rgb(path: str | Path) -> Image.Image:
         if path.stat().st_size == 0:
             raise ImageLoadError("empty file (0 bytes)")
         with warnings.catch_warnings():
-            # Pillow warns about oversized images and bad EXIF blocks; the image is still
-            # read, and the warning would only repeat once per worker process.
+            # Pillow warns about large images and bad EXIF blocks but still reads them.
+            # The warnings would repeat in every DataLoader worker process.
             warnings.simplefilter("ignore")
             with Image.open(path) as image:
                 image.load()

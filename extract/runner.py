@@ -9,8 +9,9 @@ only on its rows, a chunk computed again after a crash gets the same batches and
 the same machine and thread count, the same features bit for bit.
 
 With ``workers`` or ``scheduler`` set, groups of whole chunks become dask.distributed
-tasks; each task opens the store, builds its own extractors and writes its chunks, and
-the driver alone records the failures that the tasks return.
+tasks. Each task opens the store, builds its own extractors and writes its chunks. The
+driver alone records the failures that the tasks return, because Zarr attributes are
+rewritten whole.
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
-# Every feature kind the store layout knows; a kind that is not extracted gets None.
+# Feature kinds of the store layout. A kind that is not extracted gets settings None.
 STORE_KINDS = ("grid", "regions")
 
 
 @dataclass
 class ExtractConfig:
-    """What one ``dsran extract`` run does."""
+    """Options of one ``dsran extract`` run."""
 
     images: Path  # image folder; image ids are paths relative to it
     out: Path  # feature store, created when missing
@@ -58,7 +59,7 @@ class ExtractConfig:
 
 @dataclass
 class ChunkResult:
-    """What processing some chunks returns to the driver."""
+    """Failure records and written rows of some chunks, returned to the driver."""
 
     failures: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
     succeeded: list[str] = field(default_factory=list)  # paths whose features were written
@@ -177,8 +178,8 @@ def _write_captions(store: FeatureStore, caption_files: Sequence[Path]) -> None:
 def _repair_failure_records(store: FeatureStore, images_root: Path) -> None:
     """Record the reason of failed rows that a crash left without a failure record.
 
-    A chunk's flags are written before the driver records its failures, so a crash in
-    between leaves ``images/failed`` rows with no reason; decoding them again gives it.
+    A chunk's flags are written before the driver records its failures. A crash in
+    between leaves ``images/failed`` rows with no reason, so they are decoded again.
     """
     recorded = {item["path"] for item in store.failures}
     paths = store.image_paths()
