@@ -87,7 +87,12 @@ from dsran.extract.store import FeatureStore, StoreError
     default=None,
     help="Start a dask LocalCluster with this many worker processes.",
 )
-@click.option("--scheduler", default=None, help="Address of an existing dask scheduler.")
+@click.option(
+    "--scheduler",
+    default=None,
+    help="Address of an existing dask scheduler (tcp://HOST:PORT). Its workers need dsran "
+    "installed and must see --images and --out at the same paths.",
+)
 @click.option(
     "--limit",
     type=click.IntRange(min=1),

@@ -77,6 +77,7 @@ class ChunkResult:
 def run_extraction(config: ExtractConfig) -> FeatureStore:
     """Create or resume the store at ``config.out`` and extract every pending image."""
     _check_config(config)
+    logger.info("extract: %s", config)
     extractors = [build_extractor(kind, config.options) for kind in config.kinds]
     settings = {kind: None for kind in STORE_KINDS}
     settings.update({extractor.kind: extractor.settings() for extractor in extractors})
@@ -111,7 +112,10 @@ def run_extraction(config: ExtractConfig) -> FeatureStore:
                 extractors,
                 batch_size=config.batch_size,
                 num_workers=config.num_workers,
-                on_chunk=lambda chunk_result, count: _record(store, chunk_result, progress, count),
+                on_chunk=lambda chunk_result: store.record_failures(
+                    chunk_result.failures, succeeded=chunk_result.succeeded
+                ),
+                on_batch=progress.update,
             )
         else:
             result = _extract_distributed(config, store, pending, progress)
@@ -199,13 +203,11 @@ def _repair_failure_records(store: FeatureStore, images_root: Path) -> None:
         logger.info("recorded %d failure reasons lost by an interrupted run", len(repaired))
 
 
-def _record(store: FeatureStore, result: ChunkResult, progress: tqdm, count: int) -> None:
-    store.record_failures(result.failures, succeeded=result.succeeded)
-    progress.update(count)
-
-
 def pending_chunks(store: FeatureStore) -> list[int]:
-    """Chunk indices with at least one row that is neither done nor failed."""
+    """Return the chunk indices with at least one row that is neither done nor failed.
+
+    Failed rows count as finished, so a later run does not retry them.
+    """
     finished = store.done() | store.failed()
     return [
         chunk for chunk in range(store.num_chunks) if not finished[store.chunk_rows(chunk)].all()
@@ -264,6 +266,39 @@ def _keep_list(batch: list[_Decoded]) -> list[_Decoded]:
     return batch
 
 
+@dataclass
+class _ChunkBuffer:
+    """The arrays of one chunk while its batches arrive."""
+
+    data: dict[str, np.ndarray]  # every per-image array of the chunk, as read from the store
+    result: ChunkResult  # failures and written paths of the chunk
+    received: int = 0  # pending rows filled so far
+
+
+def _plan_batches(
+    store: FeatureStore, chunks: Sequence[int], batch_size: int
+) -> tuple[list[int], list[list[int]], dict[int, int]]:
+    """Return the pending rows of ``chunks``, batches of dataset indices, and rows per chunk.
+
+    Batches never cross a chunk, so a chunk's batches depend only on its own rows.
+    """
+    rows: list[int] = []
+    batches: list[list[int]] = []
+    chunk_sizes: dict[int, int] = {}
+    for chunk in chunks:
+        # NOTE: a chunk whose last rows were added by a later run (the folder grew) is
+        # completed with batches of its new rows only, which may differ in the last
+        # bits from a run that saw every image at once.
+        pending = _pending_rows(store, chunk)
+        chunk_sizes[chunk] = len(pending)
+        first = len(rows)
+        for start in range(0, len(pending), batch_size):
+            stop = min(start + batch_size, len(pending))
+            batches.append(list(range(first + start, first + stop)))
+        rows += pending.tolist()
+    return rows, batches, chunk_sizes
+
+
 def extract_chunks(
     store: FeatureStore,
     images_root: Path,
@@ -271,66 +306,71 @@ def extract_chunks(
     extractors: Sequence[FeatureExtractor],
     batch_size: int,
     num_workers: int,
-    on_chunk: Callable[[ChunkResult, int], None] | None = None,
+    on_chunk: Callable[[ChunkResult], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> ChunkResult:
     """Extract the pending rows of ``chunks`` and write each chunk whole.
 
-    ``on_chunk(result, images)`` is called after each chunk is written, with that
-    chunk's result and its number of processed images.
+    Rows that are already done or failed keep their stored values. ``on_chunk(result)``
+    is called after each chunk is written, and ``on_batch(images)`` after each batch.
     """
     paths = store.image_paths()
-    rows, batches, chunk_sizes = [], [], {}
-    for chunk in chunks:
-        pending = _pending_rows(store, chunk)
-        chunk_sizes[chunk] = len(pending)
-        for start in range(0, len(pending), batch_size):
-            batches.append(
-                list(range(len(rows) + start, len(rows) + min(start + batch_size, len(pending))))
-            )
-        rows += pending.tolist()
+    rows, batches, chunk_sizes = _plan_batches(store, chunks, batch_size)
     dataset = _ImageDataset(rows, [paths[row] for row in rows], images_root, extractors)
     if num_workers > 0 and multiprocessing.current_process().daemon:
         # Dask worker processes are daemonic and may not start DataLoader workers.
         num_workers = 0
     loader = DataLoader(
-        dataset,
-        batch_sampler=batches,
-        num_workers=num_workers,
-        collate_fn=_keep_list,
-        persistent_workers=False,
+        dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=_keep_list
     )
+    expected_outputs = {
+        extractor.kind: {
+            spec.name for spec in store.array_specs() if spec.name.startswith(f"{extractor.kind}/")
+        }
+        for extractor in extractors
+    }
 
     total = ChunkResult()
-    buffers: dict[int, tuple[dict[str, np.ndarray], ChunkResult, int]] = {}
+    buffers: dict[int, _ChunkBuffer] = {}
     for batch in loader:
-        outputs = _run_extractors(extractors, batch)
+        outputs = _run_extractors(extractors, batch, expected_outputs)
         chunk = batch[0].row // store.chunk_images
         if chunk not in buffers:
-            buffers[chunk] = (store.read_chunk(chunk), ChunkResult(chunks=[chunk]), 0)
-        data, result, received = buffers[chunk]
-        _fill_rows(store, data, result, batch, outputs, chunk, paths)
-        received += len(batch)
-        buffers[chunk] = (data, result, received)
-        if received == chunk_sizes[chunk]:
-            store.write_chunk(chunk, data)
+            buffers[chunk] = _ChunkBuffer(store.read_chunk(chunk), ChunkResult(chunks=[chunk]))
+        buffer = buffers[chunk]
+        _fill_rows(store, buffer, batch, outputs, paths)
+        buffer.received += len(batch)
+        if on_batch is not None:
+            on_batch(len(batch))
+
+        if buffer.received == chunk_sizes[chunk]:
+            store.write_chunk(chunk, buffer.data)
             del buffers[chunk]
-            total.merge(result)
+            total.merge(buffer.result)
             if on_chunk is not None:
-                on_chunk(result, received)
+                on_chunk(buffer.result)
     if buffers:
         raise RuntimeError(f"chunks {sorted(buffers)} did not receive all their rows")
     return total
 
 
 def _run_extractors(
-    extractors: Sequence[FeatureExtractor], batch: list[_Decoded]
+    extractors: Sequence[FeatureExtractor],
+    batch: list[_Decoded],
+    expected_outputs: dict[str, set[str]],
 ) -> dict[str, np.ndarray]:
+    """Run every extractor on the decoded images of ``batch``; failed images are left out."""
     decoded = [item for item in batch if item.items is not None]
     outputs: dict[str, np.ndarray] = {}
     if not decoded:
         return outputs
     for extractor in extractors:
         arrays = extractor.extract([item.items[extractor.kind] for item in decoded])
+        if set(arrays) != expected_outputs[extractor.kind]:
+            raise RuntimeError(
+                f"{extractor.kind} extractor returned arrays {sorted(arrays)}, but the store "
+                f"expects {sorted(expected_outputs[extractor.kind])}"
+            )
         for name, values in arrays.items():
             if len(values) != len(decoded):
                 raise RuntimeError(
@@ -343,33 +383,27 @@ def _run_extractors(
 
 def _fill_rows(
     store: FeatureStore,
-    data: dict[str, np.ndarray],
-    result: ChunkResult,
+    buffer: _ChunkBuffer,
     batch: list[_Decoded],
     outputs: dict[str, np.ndarray],
-    chunk: int,
     paths: np.ndarray,
 ) -> None:
-    """Copy one batch into the chunk buffer ``data``; failed rows get fill values."""
-    start = store.chunk_rows(chunk).start
-    specs = {spec.name: spec for spec in store.array_specs()}
+    """Copy one batch into the chunk buffer; failed rows get the arrays' fill values."""
+    start = (batch[0].row // store.chunk_images) * store.chunk_images
+    specs = store.array_specs()
+    data, result = buffer.data, buffer.result
     output_index = 0
     for item in batch:
         offset = item.row - start
         path = str(paths[item.row])
         if item.items is None:
-            for name, spec in specs.items():
-                if name not in ("images/failed", "images/done"):
-                    data[name][offset] = spec.fill_value
+            for spec in specs:
+                data[spec.name][offset] = spec.fill_value
             data["images/failed"][offset] = True
-            data["images/done"][offset] = False
             result.failures.append({"path": path, "reason": str(item.reason)})
             continue
+
         for name, values in outputs.items():
-            if name not in specs:
-                raise StoreError(
-                    f"store {store.path} has no array {name!r} for the extractor output"
-                )
             data[name][offset] = values[output_index]
         data["images/width"][offset] = item.width
         data["images/height"][offset] = item.height

@@ -165,6 +165,13 @@ def test_bad_images_recorded_and_run_goes_on(tmp_path):
     rotated = paths.index("rotated.JPG")
     assert (store.array("images/width")[rotated], store.array("images/height")[rotated]) == (20, 30)
 
+    # A crash between writing a chunk and recording its failures loses the reasons;
+    # the next run decodes the failed images again to restore them.
+    recorded = store.failures
+    FeatureStore.open(tmp_path / "feats.zarr", mode="r+").update_attrs(failures=[])
+    run_extraction(config)
+    assert FeatureStore.open(tmp_path / "feats.zarr").failures == recorded
+
 
 def test_limit_then_append(tmp_path):
     images = tmp_path / "images"
