@@ -79,8 +79,7 @@ def run_extraction(config: ExtractConfig) -> FeatureStore:
     _check_config(config)
     logger.info("extract: %s", config)
     extractors = [build_extractor(kind, config.options) for kind in config.kinds]
-    settings = {kind: None for kind in STORE_KINDS}
-    settings.update({extractor.kind: extractor.settings() for extractor in extractors})
+    settings = store_settings(extractors)
 
     image_paths = discover_images(config.images)
     if config.limit is not None:
@@ -128,6 +127,13 @@ def run_extraction(config: ExtractConfig) -> FeatureStore:
         (len(result.succeeded) + len(result.failures)) / max(elapsed, 1e-9),
     )
     return store
+
+
+def store_settings(extractors: Sequence[FeatureExtractor]) -> dict[str, Any]:
+    """Return the store's ``settings`` attribute: one section per kind, None when not extracted."""
+    settings: dict[str, Any] = {kind: None for kind in STORE_KINDS}
+    settings.update({extractor.kind: extractor.settings() for extractor in extractors})
+    return settings
 
 
 def _check_config(config: ExtractConfig) -> None:
@@ -436,6 +442,9 @@ def extract_chunks_task(
     """Dask task: open the store, extract ``chunks`` and return their failures."""
     store = FeatureStore.open(store_path, mode="r+")
     extractors = _cached_extractors(kinds, options)
+    # A worker may resolve "auto" device or precision unlike the driver did (another
+    # machine), and its features must match the settings the store records.
+    store.check_settings(store_settings(extractors))
     return extract_chunks(store, Path(images_root), chunks, extractors, batch_size, num_workers)
 
 

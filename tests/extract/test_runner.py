@@ -16,8 +16,8 @@ import pytest
 import zarr
 from click.testing import CliRunner
 from dsran.extract.base import ExtractorOptions
-from dsran.extract.runner import ExtractConfig, run_extraction
-from dsran.extract.store import FeatureStore
+from dsran.extract.runner import ExtractConfig, extract_chunks_task, run_extraction
+from dsran.extract.store import FeatureStore, StoreError
 from dsran.pipelines.cli import cli
 
 from tests.extract.conftest import (
@@ -240,3 +240,14 @@ def test_cli_empty_folder(tmp_path):
     assert result.exit_code == 1
     assert f"no image files found under {empty}" in result.output
     assert not out.exists()
+
+
+def test_task_rejects_other_worker_settings(reference_store, mini_images, tmp_path):
+    reference, _ = reference_store
+    out = tmp_path / "feats.zarr"
+    shutil.copytree(reference, out)
+    precision = FeatureStore.open(out).settings["grid"]["precision"]
+    other = "fp32" if precision != "fp32" else "bf16"
+    options = ExtractorOptions(device="cpu", precision=other, random_weights=True)
+    with pytest.raises(StoreError, match=f"grid.precision \\({precision!r} in the store"):
+        extract_chunks_task(str(out), str(mini_images), [0], ("grid",), options, 2, 0)
