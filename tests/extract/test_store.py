@@ -64,6 +64,34 @@ def test_append_images_keeps_rows(tmp_path):
     assert np.array_equal(reopened.read_chunk(0)["grid/features"], data["grid/features"])
 
 
+def test_interrupted_append_arrays_grown(tmp_path):
+    store = make_store(tmp_path / "s.zarr")
+    data = chunk_data(store, 0, seed=1)
+    store.write_chunk(0, data)
+    # A crash after the per-image arrays grew but before images/path did.
+    for spec in store.array_specs():
+        store.array(spec.name).resize((5, *spec.row_shape))
+    with pytest.raises(StoreError, match="images/width has shape"):
+        FeatureStore.open(tmp_path / "s.zarr")
+    repaired = FeatureStore.open(tmp_path / "s.zarr", mode="r+")
+    assert len(repaired) == 3
+    assert repaired.array("grid/features").shape[0] == 3
+    assert np.array_equal(repaired.read_chunk(0)["grid/features"], data["grid/features"])
+    repaired.append_images(["d.jpg"])
+    assert list(FeatureStore.open(tmp_path / "s.zarr").image_paths()) == [*PATHS, "d.jpg"]
+
+
+def test_interrupted_append_paths_unwritten(tmp_path):
+    store = make_store(tmp_path / "s.zarr")
+    # A crash after images/path grew but before the new paths were written.
+    for spec in store.array_specs():
+        store.array(spec.name).resize((5, *spec.row_shape))
+    store.group["images/path"].resize((5,))
+    repaired = FeatureStore.open(tmp_path / "s.zarr", mode="r+")
+    assert list(repaired.image_paths()) == PATHS
+    assert repaired.array("images/done").shape == (3,)
+
+
 def test_wrong_schema_version(tmp_path):
     make_store(tmp_path / "s.zarr")
     zarr.open_group(str(tmp_path / "s.zarr"), mode="r+").attrs["schema_version"] = 99
