@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from dsran.evaluate.protocols import (
@@ -20,6 +20,9 @@ from dsran.evaluate.protocols import (
 from dsran.evaluate.recall import DEFAULT_KS, default_device
 from dsran.evaluate.report import write_reports
 from dsran.extract.store import FeatureStore, StoreError
+
+if TYPE_CHECKING:
+    from dsran.train.run import TrainedRun
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +107,7 @@ def store_summary(store: FeatureStore) -> dict[str, Any]:
     }
 
 
-def model_summary(run: Any) -> dict[str, Any]:
+def model_summary(run: TrainedRun) -> dict[str, Any]:
     """Describe a trained run for the reports: its folder and training metadata."""
     metadata = dict(run.metadata)
     summary: dict[str, Any] = {"path": str(run.path)}
@@ -116,7 +119,7 @@ def model_summary(run: Any) -> dict[str, Any]:
 
 
 def encode_eval_set(
-    run: Any,
+    run: TrainedRun,
     store: FeatureStore,
     eval_set: EvalSet,
     batch_size: int,
@@ -136,7 +139,7 @@ def encode_eval_set(
         run.model,
         run.tokenizer,
         [str(text) for text in eval_set.caption_texts],
-        max_length=caption_max_length(run.config),
+        max_length=run.config.data.max_length,
         batch_size=batch_size,
         device=device,
     )
@@ -152,44 +155,38 @@ def encode_eval_set(
     return images, captions
 
 
-def caption_max_length(config: Any) -> int:
-    """Read the maximum caption length in tokens from a run's training config."""
-    for owner in (config, getattr(config, "text", None), getattr(config, "data", None)):
-        value = getattr(owner, "max_length", None) if owner is not None else None
-        if value is not None:
-            return int(value)
-    raise EvaluationError(
-        f"the run's config ({type(config).__name__}) has no max_length setting for captions"
-    )
-
-
 def default_out_dir(models: Sequence[Path]) -> Path:
     """Return the report folder used when --out is not given: ``eval/`` in the first run."""
     return Path(models[0]) / EVAL_SUBFOLDER
 
 
 def evaluate_runs(options: EvalOptions) -> EvalOutcome:
-    """Run one evaluation: load the runs and the store, encode, score, write the reports."""
+    """Run one evaluation: check the store and split, encode with every run, score, report."""
     if not options.models:
         raise EvaluationError("no model given; pass --model RUN (several times for an ensemble)")
     for path in options.models:
         if not Path(path).is_dir():
             raise EvaluationError(f"run folder not found: {path}")
     device = torch.device(options.device) if options.device else default_device()
-    from dsran.train.run import load_run
+    # Imported on use: the training stack (transformers) is slow to import, and
+    # `dsran eval --help` or a rejected split should not wait for it.
+    from dsran.train.run import METADATA_FILE, RunError, load_run, read_json
 
-    # 1. The runs, and the store they were trained from unless --feats names another.
-    runs = [load_run(path, device=device) for path in options.models]
+    # 1. The store the runs were trained from unless --feats names another, and the
+    #    split, checked against the protocol before any model is loaded.
     if options.feats is not None:
         store_path = Path(options.feats)
     else:
-        store_path = resolve_store_path(
-            [Path(path) for path in options.models],
-            [run.metadata.get("feats") for run in runs],
-        )
+        try:
+            trained_from = [
+                read_json(Path(path) / METADATA_FILE).get("feats") for path in options.models
+            ]
+        except RunError as error:
+            raise EvaluationError(
+                f"{error}; is it a run folder written by `dsran train`?"
+            ) from error
+        store_path = resolve_store_path([Path(path) for path in options.models], trained_from)
     store = FeatureStore.open(store_path)
-
-    # 2. The split, checked against the protocol before any encoding.
     try:
         eval_set = load_eval_set(store, options.store_split)
     except StoreError as error:
@@ -197,7 +194,7 @@ def evaluate_runs(options: EvalOptions) -> EvalOutcome:
     check_protocol(options.protocol, eval_set.num_images, eval_set.split)
     logger.info(
         "evaluating %d run(s) on split %r of %s: %d images, %d captions, protocol %s",
-        len(runs),
+        len(options.models),
         eval_set.split,
         store.path,
         eval_set.num_images,
@@ -207,12 +204,20 @@ def evaluate_runs(options: EvalOptions) -> EvalOutcome:
     if store.random_weights:
         logger.warning("the store's CNN features come from random weights")
 
-    # 3. Embeddings of every run, then the protocol on their (averaged) similarities.
-    image_embeddings, caption_embeddings = [], []
-    for run in runs:
+    # 2. Embeddings of every run, loaded one at a time so that only one model is in memory.
+    image_embeddings, caption_embeddings, model_summaries = [], [], []
+    for path in options.models:
+        try:
+            run = load_run(path, device=device)
+        except RunError as error:
+            raise EvaluationError(str(error)) from error
         images, captions = encode_eval_set(run, store, eval_set, options.batch_size, device)
         image_embeddings.append(images)
         caption_embeddings.append(captions)
+        model_summaries.append(model_summary(run))
+        del run
+
+    # 3. The protocol on the (averaged) similarities.
     result = evaluate_protocol(
         options.protocol,
         eval_set,
@@ -225,11 +230,5 @@ def evaluate_runs(options: EvalOptions) -> EvalOutcome:
 
     # 4. Reports.
     out_dir = Path(options.out) if options.out is not None else default_out_dir(options.models)
-    paths = write_reports(
-        out_dir,
-        result,
-        eval_set,
-        [model_summary(run) for run in runs],
-        store_summary(store),
-    )
+    paths = write_reports(out_dir, result, eval_set, model_summaries, store_summary(store))
     return EvalOutcome(result=result, eval_set=eval_set, out_dir=out_dir, report_paths=paths)
