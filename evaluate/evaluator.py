@@ -156,7 +156,11 @@ def encode_eval_set(
 
 
 def default_out_dir(models: Sequence[Path]) -> Path:
-    """Return the report folder used when --out is not given: ``eval/`` in the first run."""
+    """Return the report folder used when --out is not given: ``eval/`` in the first run.
+
+    NOTE: every protocol writes the same file names there, so a second protocol on the
+    same run replaces the first one's reports unless --out separates them.
+    """
     return Path(models[0]) / EVAL_SUBFOLDER
 
 

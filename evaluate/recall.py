@@ -192,6 +192,7 @@ def retrieval_ranks(
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     device = torch.device(device) if device is not None else default_device()
     if backend is None:
+        # NOTE: the tests run the torch backend on the CPU only; no CUDA run has checked it.
         backend = "numpy" if device.type == "cpu" else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid backends are {list(BACKENDS)}")
