@@ -66,7 +66,7 @@ class _ListOption(click.Option):
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Folder for the reports. Default: eval/ inside the first run folder.",
+    help="Folder for the reports. Default: eval/PROTOCOL-STORE_SPLIT/ inside the first run folder.",
 )
 @click.option(
     "--show-failures",

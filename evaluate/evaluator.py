@@ -155,13 +155,10 @@ def encode_eval_set(
     return images, captions
 
 
-def default_out_dir(models: Sequence[Path]) -> Path:
-    """Return the report folder used when --out is not given: ``eval/`` in the first run.
-
-    NOTE: every protocol writes the same file names there, so a second protocol on the
-    same run replaces the first one's reports unless --out separates them.
-    """
-    return Path(models[0]) / EVAL_SUBFOLDER
+def default_out_dir(models: Sequence[Path], protocol: str, store_split: str) -> Path:
+    """Return the report folder used when --out is not given: ``eval/<protocol>-<split>/``
+    in the first run, so that each protocol and split keeps its own reports."""
+    return Path(models[0]) / EVAL_SUBFOLDER / f"{protocol}-{store_split}"
 
 
 def evaluate_runs(options: EvalOptions) -> EvalOutcome:
@@ -233,6 +230,10 @@ def evaluate_runs(options: EvalOptions) -> EvalOutcome:
     )
 
     # 4. Reports.
-    out_dir = Path(options.out) if options.out is not None else default_out_dir(options.models)
+    out_dir = (
+        Path(options.out)
+        if options.out is not None
+        else default_out_dir(options.models, options.protocol, options.store_split)
+    )
     paths = write_reports(out_dir, result, eval_set, model_summaries, store_summary(store))
     return EvalOutcome(result=result, eval_set=eval_set, out_dir=out_dir, report_paths=paths)

@@ -146,7 +146,7 @@ def test_eval_end_to_end(trained_run):
     assert "Worst 2 text queries (text-to-image):" in result.stdout
     assert "Worst 2 image queries (image-to-text):" in result.stdout
 
-    out = trained_run / "runs" / "tiny" / "eval"
+    out = trained_run / "runs" / "tiny" / "eval" / "test-test"
     results = json.loads((out / "results.json").read_text())
     assert results["num_images"] == 12
     assert results["num_captions"] == 60
