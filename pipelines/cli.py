@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 from dsran.extract.cli import extract_command, info_command
 from dsran.pipelines.params import PARAMS_FILE, check_option_names, load_default_map
+from dsran.train.cli import train_command
 
 from dsran import __version__
 
@@ -63,6 +64,7 @@ def cli(ctx: click.Context, verbose: int, params_path: Path | None, no_params: b
 
 cli.add_command(extract_command)
 cli.add_command(info_command)
+cli.add_command(train_command)
 
 
 def main() -> None:
