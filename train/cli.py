@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 import click
-from dsran.extract.store import StoreError
 from dsran.train.config import (
     ConfigError,
     available_presets,
@@ -15,8 +14,10 @@ from dsran.train.config import (
     parse_override,
     resolve_config,
 )
-from dsran.train.run import CONFIG_FILE, RunError
-from dsran.train.text import TextModelNotFoundError
+
+# Kept equal to dsran.train.run.CONFIG_FILE; importing that module here would load torch
+# for every dsran command.
+CONFIG_FILE = "config.yaml"
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,9 @@ def train_command(
     precision: str | None,
 ) -> None:
     """Train DSRAN on a feature store and write a run folder."""
+    from dsran.extract.store import StoreError
+    from dsran.train.run import RunError
+    from dsran.train.text import TextModelNotFoundError
     from dsran.train.trainer import TrainingError, train
 
     overrides = tuple(overrides)

@@ -9,6 +9,8 @@ overrides. The resolved result is written to ``config.yaml`` in the run folder, 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,10 +233,53 @@ def build_config(values: dict[str, Any]) -> TrainConfig:
                 f"unknown key(s) {', '.join(section + '.' + k for k in unknown)}; "
                 f"valid keys of {section!r}: {', '.join(valid)}"
             )
-        kwargs[section] = cls(**entries)
+        hints = typing.get_type_hints(cls)
+        coerced = {
+            key: _coerce(f"{section}.{key}", value, hints[key]) for key, value in entries.items()
+        }
+        kwargs[section] = cls(**coerced)
     config = TrainConfig(**kwargs)
     validate_config(config)
     return config
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a field's type; numbers written as text (YAML reads ``2e-5``
+    as a string) become numbers."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        hint = next(arg for arg in args if arg is not type(None))
+        args = typing.get_args(hint)
+    if typing.get_origin(hint) is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"invalid {name} {value!r}; expected a list, e.g. [train, restval]")
+        return [_coerce(name, item, args[0]) for item in value]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"invalid {name} {value!r}; expected true or false")
+        return value
+    if hint in (int, float):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"invalid {name} {value!r}; expected a number") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"invalid {name} {value!r}; expected a number")
+        if hint is int:
+            if value != int(value):
+                raise ConfigError(f"invalid {name} {value!r}; expected a whole number")
+            return int(value)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"invalid {name} {value!r}; expected a string")
+        return value
+    return value
 
 
 def resolve_config(

@@ -10,7 +10,7 @@ unpadded set.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,8 @@ STORE_FEATURE_DIM = 2048
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-8) -> Tensor:
-    """Divide rows by their L2 norm plus ``eps``, so that an all-zero row stays zero."""
+    """Divide rows by their L2 norm plus ``eps`` in fp32, so that an all-zero row stays zero."""
+    x = x.float()
     return x / (x.norm(dim=-1, keepdim=True) + eps)
 
 
@@ -195,11 +196,11 @@ class LinearRegionEncoder(nn.Module):
         return self.fc(arrays["regions/features"])
 
 
-GRID_ENCODERS: dict[str, Callable[[int], nn.Module]] = {
+GRID_ENCODERS: dict[str, type[nn.Module]] = {
     "paper": LinearGridEncoder,
     "official": OfficialGridEncoder,
 }
-REGION_ENCODERS: dict[str, Callable[[int], nn.Module]] = {
+REGION_ENCODERS: dict[str, type[nn.Module]] = {
     "paper": LinearRegionEncoder,
 }
 
@@ -216,6 +217,24 @@ def build_region_encoder(name: str, dim: int) -> nn.Module:
             f"unknown region encoder {name!r}; valid names: {', '.join(REGION_ENCODERS)}"
         )
     return REGION_ENCODERS[name](dim)
+
+
+def required_store_arrays(config: ModelConfig) -> tuple[str, ...]:
+    """Store arrays that the image encoders of ``config`` read; rejects unknown encoder names."""
+    names: list[str] = []
+    if config.use_grid:
+        if config.grid_encoder not in GRID_ENCODERS:
+            raise ValueError(
+                f"unknown grid encoder {config.grid_encoder!r}; valid names: {', '.join(GRID_ENCODERS)}"
+            )
+        names += GRID_ENCODERS[config.grid_encoder].store_arrays
+    if config.use_regions:
+        if config.region_encoder not in REGION_ENCODERS:
+            raise ValueError(
+                f"unknown region encoder {config.region_encoder!r}; valid names: {', '.join(REGION_ENCODERS)}"
+            )
+        names += REGION_ENCODERS[config.region_encoder].store_arrays
+    return tuple(names)
 
 
 def region_mask(count: Tensor, max_regions: int) -> Tensor:

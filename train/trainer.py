@@ -35,7 +35,7 @@ from dsran.train.data import (
 )
 from dsran.train.encode import encode_captions, encode_images
 from dsran.train.loss import TripletLoss
-from dsran.train.model import DSRAN
+from dsran.train.model import DSRAN, required_store_arrays
 from dsran.train.precision import resolve_autocast_dtype, resolve_device
 from dsran.train.text import load_text_backbone, load_tokenizer, save_text_model_files
 from torch import nn
@@ -57,10 +57,6 @@ class TrainingError(RuntimeError):
 
 
 # ---------------------------------------------------------------------- store checks
-
-
-def required_store_arrays(model: DSRAN) -> tuple[str, ...]:
-    return model.store_arrays
 
 
 def check_store(store: FeatureStore, config: TrainConfig, arrays: tuple[str, ...]) -> list[str]:
@@ -114,19 +110,20 @@ def lr_lambda(
 ):
     """Learning-rate factor of optimiser step ``step`` (0-based).
 
-    Linear warm-up over the first ``warmup_fraction`` of all steps, linear decay to zero
-    at the last step, and a factor ``lr_decay`` for every ``lr_update`` finished epochs.
+    Linear warm-up over the first ``warmup_fraction`` of all steps, then linear decay
+    towards zero after the last step, times ``lr_decay`` for every ``lr_update`` finished
+    epochs.
     """
     total = sum(steps_per_epoch_list)
     epoch_ends = np.cumsum(steps_per_epoch_list)
     warmup = warmup_fraction * total
 
     def factor(step: int) -> float:
-        progress = step + 1
-        if progress <= warmup:
-            shape = progress / warmup
+        if step < warmup:
+            shape = (step + 1) / warmup
         else:
-            shape = max(0.0, (total - progress + 1) / max(total - warmup, 1.0))
+            # 1 at the end of the warm-up, 1 / (total - warmup) at the last step.
+            shape = max(0.0, (total - step) / max(total - warmup, 1.0))
         epoch = int(np.searchsorted(epoch_ends, step, side="right"))
         return shape * lr_decay ** (epoch // lr_update)
 
@@ -268,19 +265,23 @@ class Trainer:
             self.autocast_dtype
         ]
 
-        # 1. The store and the text model, checked before any work.
+        # 1. The store, the run folder and the text model, checked before any work.
         try:
             self.store = FeatureStore.open(feats)
-        except StoreError as error:
+            arrays = required_store_arrays(config.model)
+        except (StoreError, ValueError) as error:
             raise TrainingError(str(error)) from error
-        torch.manual_seed(config.run.seed)
-        self.tokenizer = load_tokenizer(config.model.text_model)
-        backbone = load_text_backbone(config.model.text_model)
-        self.model = DSRAN(config.model, backbone)
-        self.warnings = check_store(self.store, config, self.model.store_arrays)
+        self.warnings = check_store(self.store, config, arrays)
+        self.checkpoints = self.out / run_files.CHECKPOINT_DIR
+        if self.process.is_main:
+            self._check_folder()
         for warning in self.warnings:
             logger.warning("%s", warning)
+        self.tokenizer = load_tokenizer(config.model.text_model)
         self.train_samples, self.val_rows = self._samples()
+        torch.manual_seed(config.run.seed)
+        backbone = load_text_backbone(config.model.text_model)
+        self.model = DSRAN(config.model, backbone)
 
         # 2. Steps of every epoch (processes must agree on them), optimiser, schedule.
         self.epoch_steps = [self._epoch_steps(epoch) for epoch in range(config.optim.epochs)]
@@ -318,8 +319,7 @@ class Trainer:
         self.state = TrainState()
 
         # 3. The run folder.
-        self.checkpoints = self.out / run_files.CHECKPOINT_DIR
-        if self.process.is_main:
+        if self.process.is_main and not resume:
             self._prepare_folder(backbone)
         self.log = MetricsLog(self.out, self.process.is_main, config.run.tensorboard)
         if resume:
@@ -380,19 +380,20 @@ class Trainer:
         ]
         return steps_per_epoch(counts, self.config.data.batch_size)
 
-    def _prepare_folder(self, backbone: nn.Module) -> None:
+    def _check_folder(self) -> None:
         if self.resume:
             if not (self.checkpoints / "last.json").is_file():
                 raise TrainingError(
                     f"cannot resume: {self.checkpoints / 'last.json'} not found; start a new run "
                     "without --resume"
                 )
-            return
-        if self.out.exists() and any(self.out.iterdir()):
+        elif self.out.exists() and any(self.out.iterdir()):
             raise TrainingError(
                 f"run folder {self.out} already exists and is not empty; pass --resume to continue "
                 "it, or choose another --out"
             )
+
+    def _prepare_folder(self, backbone: nn.Module) -> None:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         save_config(self.config, self.out / run_files.CONFIG_FILE)
         save_text_model_files(backbone, self.tokenizer, self.out / run_files.TEXT_MODEL_DIR)
@@ -528,7 +529,7 @@ class Trainer:
         )
         window_start, window_samples, window_loss = time.perf_counter(), 0, 0.0
         for batch in progress:
-            loss = self._train_step(batch)
+            loss, lr = self._train_step(batch)
             state.step += 1
             state.epoch_step += 1
 
@@ -537,7 +538,6 @@ class Trainer:
             window_loss += loss
             elapsed = time.perf_counter() - window_start
             rate = window_samples / max(elapsed, 1e-9)
-            lr = self.scheduler.get_last_lr()[0]
             self.log.step(
                 {
                     "step": state.step,
@@ -574,7 +574,8 @@ class Trainer:
                 return False
         return True
 
-    def _train_step(self, batch: dict[str, torch.Tensor]) -> float:
+    def _train_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """One optimiser step; returns the loss and the learning rate it used."""
         batch = move_batch(batch, self.device)
         if self.autocast_dtype is None:
             images, captions = self.ddp_model(batch)
@@ -595,8 +596,9 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        return float(loss.detach())
+        return float(loss.detach()), lr
 
     def _end_epoch(self) -> None:
         state = self.state
