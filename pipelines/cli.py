@@ -7,6 +7,7 @@ import click
 from dsran.evaluate.cli import eval_command
 from dsran.extract.cli import extract_command, info_command
 from dsran.pipelines.params import PARAMS_FILE, check_option_names, load_default_map
+from dsran.train.cli import train_command
 
 from dsran import __version__
 
@@ -64,6 +65,7 @@ def cli(ctx: click.Context, verbose: int, params_path: Path | None, no_params: b
 
 cli.add_command(extract_command)
 cli.add_command(info_command)
+cli.add_command(train_command)
 cli.add_command(eval_command)
 
 
