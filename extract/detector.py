@@ -1,11 +1,11 @@
 """The bottom-up-attention Visual Genome Faster R-CNN on torchvision operators, without detectron2.
 
-The network is the Caffe model of Anderson et al. (2018) as MILVLG/bottom-up-attention.pytorch
-converted it (``configs/caffe/test-caffe-r101.yaml``): Caffe-style ResNet-101 C4, an RPN
-with 512 hidden channels and 12 anchors per cell, RoI max pooling 14x14 on res4, res5 at
-stride 1 with dilation 2 as the box head, 2048-d mean-pooled features, 1601 object
-classes and 401 attribute classes. :func:`select_regions` keeps the boxes the published
-extractors keep.
+The network is the Caffe model of Anderson et al. (2018), in the form that
+MILVLG/bottom-up-attention.pytorch converted (``configs/caffe/test-caffe-r101.yaml``).
+It has a Caffe-style ResNet-101 C4 backbone and an RPN with 512 hidden channels and 12
+anchors per cell. The box head max-pools 14x14 RoIs on res4 and runs res5 at stride 1
+with dilation 2, then mean-pools 2048-d features for 1601 object classes and 401
+attribute classes. :func:`select_regions` keeps the boxes the published extractors keep.
 """
 
 from __future__ import annotations
@@ -204,9 +204,9 @@ def per_class_max_confidence(
             keep = legacy_nms(boxes, scores[:, class_index], iou_threshold)
             kept_by_class[class_index, keep] = True
             nms_done[class_index] = True
-        kept = kept_by_class[candidate_classes, pending]
-        confidence[pending[kept]] = scores[pending[kept], candidate_classes[kept]]
-        pending = pending[~kept]
+        is_kept = kept_by_class[candidate_classes, pending]
+        confidence[pending[is_kept]] = scores[pending[is_kept], candidate_classes[is_kept]]
+        pending = pending[~is_kept]
     return confidence
 
 

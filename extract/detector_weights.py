@@ -50,7 +50,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _numpy_safe_globals() -> list:
-    """The numpy functions and classes a pickled ndarray needs, for ``torch.load(weights_only=True)``.
+    """List the numpy functions and classes that unpickling an ndarray needs under ``weights_only``.
 
     Pickles name ``numpy.core.multiarray._reconstruct`` (numpy 1) or
     ``numpy._core.multiarray._reconstruct`` (numpy 2); both are listed. These only build
@@ -93,7 +93,9 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             raise DetectorWeightsError(
                 f"cannot read region detector weights {path}: {error}"
             ) from error
-        logger.info("%s holds numpy arrays; reading it with numpy's array types allowed", path)
+        logger.info(
+            "%s contains numpy arrays; reading it again with numpy's array types allowed", path
+        )
         try:
             with torch.serialization.safe_globals(_numpy_safe_globals()):
                 content = torch.load(path, map_location="cpu", weights_only=True)
@@ -212,8 +214,8 @@ def init_random_weights(model: nn.Module, seed: int, residual_scale: float = 0.2
     """Initialise ``model`` from ``seed`` alone, independent of torch's global generator.
 
     Convolutions get He initialisation (fan out) with identity batch norms, except the
-    last batch norm of each residual branch, which scales by ``residual_scale``: at 1.0
-    activations double block after block and overflow float16 long before res5, at 0.2
+    last batch norm of each residual branch, which scales by ``residual_scale``. At 1.0
+    activations double block after block and overflow float16 long before res5. At 0.2
     the pooled features of a COCO image stay below about 50. Predictors use the
     published initial standard deviations (0.01, bbox_pred 0.001) and zero biases.
     """

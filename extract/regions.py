@@ -1,9 +1,9 @@
 """Region features: the bottom-up-attention detector behind the feature-extractor interface.
 
 Each image yields ``max_boxes`` rows (K) of the store's ``regions/*`` arrays: 2048-d
-features of the kept boxes, the boxes in original-image pixels, their object and
-attribute predictions, and ``count``, the number of real rows; the rest is padding
-(zero features and boxes, ids -1).
+features of the kept boxes, the boxes in original-image pixels, and their object and
+attribute predictions. ``count`` is the number of real rows, and the rest is padding
+with zero features and boxes and ids -1.
 """
 
 from __future__ import annotations

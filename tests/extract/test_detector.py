@@ -26,8 +26,8 @@ from PIL import Image
 
 
 def test_cell_anchors_match_caffe_generate_anchors():
-    # The first rows of py-faster-rcnn's generate_anchors() for ratios 0.5, 1, 2 and
-    # scales 8, 16, 32 are well known; with scale 4 in front they shift by one row.
+    # py-faster-rcnn's generate_anchors() gives [-84, -40, 99, 55] first for scales 8, 16
+    # and 32. With scale 4 in front, that anchor moves to the second row.
     anchors = caffe_cell_anchors()
     assert anchors.shape == (12, 4)
     assert anchors[0].tolist() == [-38.0, -16.0, 53.0, 31.0]  # ratio 0.5, scale 4: 92x48
