@@ -25,9 +25,12 @@ BACKBONE_STRIDE = 16  # res4 is 1/16 of the input
 class ConvNorm(nn.Conv2d):
     """A bias-free convolution followed by a frozen batch norm (detectron2's ``Conv2d`` with ``norm``).
 
-    The batch norm is folded into the convolution at every call, so that under autocast
-    the whole layer runs as one reduced-precision convolution instead of a bfloat16
-    convolution followed by a float32 affine map.
+    The batch norm is folded into the convolution's weight and bias, so that under
+    autocast the layer is one reduced-precision convolution instead of a bfloat16
+    convolution followed by a float32 affine map. The folded tensors are cached in the
+    compute dtype and rebuilt whenever a parameter or buffer changes in place (weight
+    loading does), because folding and casting 42M weights on every call cost as much
+    as the convolutions themselves on small CPU inputs.
     """
 
     def __init__(
@@ -49,13 +52,31 @@ class ConvNorm(nn.Conv2d):
             bias=False,
         )
         self.norm = FrozenBatchNorm2d(out_channels)
+        self._folded_key: tuple | None = None
+        self._folded: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _folded_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        norm = self.norm
+        sources = (self.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+        key = (dtype, self.weight.device, self.weight.stride(), *(t._version for t in sources))
+        if self._folded is None or key != self._folded_key:
+            with torch.no_grad():
+                scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+                shift = norm.bias - norm.running_mean * scale
+                weight = self.weight * scale.view(-1, 1, 1, 1)
+            self._folded = (weight.to(dtype), shift.to(dtype))
+            self._folded_key = key
+        return self._folded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        norm = self.norm
-        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
-        shift = norm.bias - norm.running_mean * scale
-        weight = self.weight * scale.view(-1, 1, 1, 1)
-        return F.conv2d(x, weight, shift, self.stride, self.padding, self.dilation)
+        device_type = x.device.type
+        dtype = (
+            torch.get_autocast_dtype(device_type)
+            if torch.is_autocast_enabled(device_type)
+            else self.weight.dtype
+        )
+        weight, bias = self._folded_weights(dtype)
+        return F.conv2d(x.to(dtype), weight, bias, self.stride, self.padding, self.dilation)
 
 
 class CaffeBottleneck(nn.Module):

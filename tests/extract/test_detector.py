@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from dsran.extract.detector import (
     Detections,
     DetectorConfig,
@@ -14,7 +15,7 @@ from dsran.extract.detector import (
     region_arrays,
     select_regions,
 )
-from dsran.extract.detector_backbone import ResNetC4Backbone
+from dsran.extract.detector_backbone import ConvNorm, ResNetC4Backbone
 from dsran.extract.detector_rpn import (
     caffe_cell_anchors,
     clip_boxes,
@@ -213,3 +214,23 @@ def test_backbone_output_stride():
     with torch.no_grad():
         res4 = backbone(torch.zeros(1, 3, 64, 96))
     assert res4.shape == (1, 1024, 4, 6)
+
+
+def test_conv_norm_folds_and_refreshes():
+    torch.manual_seed(0)
+    layer = ConvNorm(4, 6, 3, padding=1)
+    layer.norm.running_mean.uniform_(-1, 1)
+    layer.norm.running_var.uniform_(0.5, 2)
+    inputs = torch.randn(2, 4, 5, 5)
+
+    def reference() -> torch.Tensor:
+        return layer.norm(F.conv2d(inputs, layer.weight, None, padding=1))
+
+    with torch.no_grad():
+        assert torch.allclose(layer(inputs), reference(), atol=1e-5)
+        layer.load_state_dict({**layer.state_dict(), "norm.weight": torch.full((6,), 3.0)})
+        assert torch.allclose(layer(inputs), reference(), atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            reduced = layer(inputs)
+    assert reduced.dtype == torch.bfloat16
+    assert torch.allclose(reduced.float(), reference(), rtol=0.05, atol=0.05)
