@@ -210,6 +210,8 @@ class FeatureStore:
         except Exception as error:  # zarr raises several unrelated types for a bad group
             raise StoreError(f"cannot open feature store {path}: {error}") from error
         store = cls(path, group)
+        if mode != "r":
+            store.repair_interrupted_append()
         store.validate()
         if require_complete:
             store.check_complete()
@@ -364,13 +366,51 @@ class FeatureStore:
             return
         old = len(self)
         _check_unique([*self.image_paths(), *new_paths])
+        if any(not path for path in new_paths):
+            raise StoreError("an image path is empty; image paths must be non-empty")
         n = old + len(new_paths)
+        # images/path defines N, so it grows last: a crash before it leaves arrays that
+        # are longer than images/path, which repair_interrupted_append shrinks back.
         for spec in self.array_specs():
             self.array(spec.name).resize((n, *spec.row_shape))
         paths = self.group["images/path"]
         paths.resize((n,))
         paths[old:n] = np.asarray(new_paths, dtype=object)
         logger.info("appended %d images to %s (now %d)", len(new_paths), self.path, n)
+
+    def repair_interrupted_append(self) -> None:
+        """Undo the visible part of an append that a crash cut short.
+
+        :meth:`append_images` resizes the per-image arrays, then ``images/path``, then
+        writes the new paths. A crash in between leaves arrays longer than
+        ``images/path``, or trailing empty paths. Neither kind of row holds data, so
+        both are dropped; the next run appends those images again.
+        """
+        paths = self.group["images/path"]
+        values = np.asarray(paths[:], dtype=object)
+        n = len(values)
+        while n and not values[n - 1]:
+            n -= 1
+        if n != len(values):
+            logger.warning(
+                "feature store %s: dropping %d rows of an interrupted append",
+                self.path,
+                len(values) - n,
+            )
+            paths.resize((n,))
+        for spec in self.array_specs():
+            if spec.name not in self.group:
+                continue
+            array = self.array(spec.name)
+            if array.shape[0] > n:
+                logger.warning(
+                    "feature store %s: resizing %s from %d to %d rows after an interrupted append",
+                    self.path,
+                    spec.name,
+                    array.shape[0],
+                    n,
+                )
+                array.resize((n, *spec.row_shape))
 
     def read_chunk(self, chunk: int) -> dict[str, np.ndarray]:
         """Read every per-image array of one chunk, as written so far."""

@@ -1,9 +1,11 @@
 """The ``dsran`` command group. Each stage defines its commands in its own ``cli`` module."""
 
 import logging
+from pathlib import Path
 
 import click
 from dsran.extract.cli import extract_command, info_command
+from dsran.pipelines.params import PARAMS_FILE, check_option_names, load_default_map
 
 from dsran import __version__
 
@@ -27,9 +29,36 @@ def setup_logging(verbose: int) -> None:
 @click.option(
     "-v", "--verbose", count=True, help="Log more: -v for debug messages, -vv for libraries too."
 )
-def cli(verbose: int) -> None:
+@click.option(
+    "--params",
+    "params_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help=f"YAML file whose sections (extract, train, eval) set command defaults. "
+    f"Default: ./{PARAMS_FILE} when it exists.",
+)
+@click.option("--no-params", is_flag=True, help=f"Ignore ./{PARAMS_FILE} even when it exists.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, params_path: Path | None, no_params: bool) -> None:
     """DSRAN image-text matching: extract features, train, evaluate."""
     setup_logging(verbose)
+    if params_path is None and not no_params and Path(PARAMS_FILE).is_file():
+        params_path = Path(PARAMS_FILE)
+    if params_path is None:
+        return
+    if not params_path.is_file():
+        raise click.ClickException(f"parameters file not found: {params_path}")
+    default_map = load_default_map(params_path, set(cli.commands))
+    for name, defaults in default_map.items():
+        check_option_names(cli.commands[name], defaults, params_path)
+    if ctx.invoked_subcommand in default_map:
+        logging.getLogger(__name__).info(
+            "defaults for `dsran %s` from %s: %s",
+            ctx.invoked_subcommand,
+            params_path,
+            default_map[ctx.invoked_subcommand],
+        )
+    ctx.default_map = default_map
 
 
 cli.add_command(extract_command)
