@@ -11,7 +11,6 @@ whose ``"model"`` entry maps detectron2 parameter names (``backbone.res2.0.conv1
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from dsran.extract.base import sha256_file
 from dsran.extract.detector_backbone import ConvNorm
 from dsran.extract.detector_heads import BoxPredictor
 from dsran.extract.detector_rpn import RPNHead
@@ -38,15 +38,6 @@ _NAMES_SHOWN = 20
 
 class DetectorWeightsError(RuntimeError):
     """A detector checkpoint is missing, unreadable or does not match the network."""
-
-
-def file_sha256(path: str | Path) -> str:
-    """Return the hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _numpy_safe_globals() -> list:
@@ -205,7 +196,7 @@ def load_detector_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
     checkpoint = read_checkpoint(path)
     matched = match_state_dict(model, checkpoint, str(path))
     model.load_state_dict(matched, strict=True)
-    sha256 = file_sha256(path)
+    sha256 = sha256_file(path)
     logger.info("loaded region detector weights %s (sha256 %s)", path.name, sha256[:12])
     return {"weights": path.name, "weights_sha256": sha256}
 

@@ -8,14 +8,20 @@ with zero features and boxes and ids -1.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from dsran.extract.base import (
+    ExtractorError,
+    ExtractorOptions,
+    autocast,
+    resolve_device,
+    resolve_precision,
+    sha256_file,
+)
 from dsran.extract.detector import (
     PIXEL_MEAN_BGR,
     DetectorConfig,
@@ -25,25 +31,26 @@ from dsran.extract.detector import (
     region_arrays,
     select_regions,
 )
-from dsran.extract.detector_weights import file_sha256, init_random_weights, load_detector_weights
+from dsran.extract.detector_weights import init_random_weights, load_detector_weights
 from PIL import Image
 
 logger = logging.getLogger(__name__)
 
 REGION_PRECISIONS = ("fp32", "bf16", "fp16")
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Scale of the last batch norm of each residual branch under random weights (see
 # init_random_weights); recorded in the settings because it changes the features.
 RANDOM_RESIDUAL_SCALE = 0.2
+PUBLISHED_WEIGHTS = "bua-caffe-frcn-r101-k10-100.pth"
 
 
-@contextlib.contextmanager
-def _autocast(device: torch.device, precision: str) -> Iterator[None]:
-    if precision == "fp32":
-        yield
-        return
-    with torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision]):
-        yield
+def missing_weights_message() -> str:
+    return (
+        "no region detector weights given. Pass --region-weights PATH to MILVLG's "
+        f"{PUBLISHED_WEIGHTS} (the bottom-up-attention Caffe ResNet-101 with attributes, "
+        "model zoo of MILVLG/bottom-up-attention.pytorch; older releases name it "
+        "bua-caffe-frcn-r101_with_attributes.pth), or pass --random-weights for a test run "
+        "with random CNN weights, or --no-regions to skip region features."
+    )
 
 
 class RegionExtractor:
@@ -80,23 +87,55 @@ class RegionExtractor:
         self.config.validate()
         self.device = torch.device(device)
         if precision not in REGION_PRECISIONS:
-            raise ValueError(
+            raise ExtractorError(
                 f"unknown precision {precision!r}; valid precisions are {', '.join(REGION_PRECISIONS)}"
             )
         if precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("precision 'fp16' needs a CUDA device; on CPU use bf16 or fp32")
+            raise ExtractorError("precision 'fp16' needs a CUDA device; on CPU use bf16 or fp32")
         self.precision = precision
         self.channels_last = channels_last
         self.class_probs = class_probs
         self.seed = seed
         self.weights = Path(weights) if weights is not None else None
         if self.weights is not None and not self.weights.is_file():
-            raise FileNotFoundError(
-                f"region detector weights not found: {self.weights}. Pass the path of MILVLG's "
-                "bua-caffe-frcn-r101-k10-100.pth, or use random weights for a test run."
+            raise ExtractorError(
+                f"region detector weights not found: {self.weights}. Pass --region-weights "
+                f"the path of MILVLG's {PUBLISHED_WEIGHTS} that exists."
             )
-        self.weights_sha256 = file_sha256(self.weights) if self.weights is not None else None
+        self.weights_sha256 = sha256_file(self.weights) if self.weights is not None else None
         self._network: VisualGenomeDetector | None = None
+
+    @classmethod
+    def from_options(cls, options: ExtractorOptions) -> RegionExtractor:
+        """Build the extractor of ``dsran extract`` from its options."""
+        device = resolve_device(options.device)
+        precision = resolve_precision(options.precision, device)
+        if options.random_weights and options.region_weights is not None:
+            raise ExtractorError(
+                f"--random-weights and --region-weights {options.region_weights} exclude each "
+                "other; pass one of them"
+            )
+        if not options.random_weights and options.region_weights is None:
+            raise ExtractorError(missing_weights_message())
+        config = DetectorConfig(
+            min_size=options.region_min_size,
+            max_size=options.region_max_size,
+            rpn_post_nms_topk=options.region_proposals,
+            min_boxes=options.min_boxes,
+            max_boxes=options.max_boxes,
+        )
+        try:
+            config.validate()
+        except ValueError as error:
+            raise ExtractorError(str(error)) from error
+        return cls(
+            config,
+            weights=options.region_weights,
+            device=device,
+            precision=precision,
+            class_probs=options.class_probs,
+            seed=options.seed,
+        )
 
     @property
     def max_boxes(self) -> int:
@@ -154,7 +193,7 @@ class RegionExtractor:
         rows = []
         network = self.network
         for item in batch:
-            with torch.inference_mode(), _autocast(self.device, self.precision):
+            with torch.inference_mode(), autocast(self.device, self.precision):
                 detections = network(item)
             keep = select_regions(detections, self.config)
             rows.append(region_arrays(detections, keep, self.config.max_boxes, self.class_probs))

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from dsran.extract.images import load_rgb
 from dsran.extract.store import FeatureStore, StoreError
 from dsran.extract.vocabulary import load_vocabulary
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def render_store_image(
 ) -> Image.Image:
     """Draw the stored regions of image ``key`` on the image file under ``images_root``."""
     row = find_image_row(store, key)
+    regions = stored_regions(store, row, max_regions, attribute_threshold)
     relative = str(store.image_paths()[row])
     path = Path(images_root) / relative
     if not path.is_file():
@@ -142,8 +144,8 @@ def render_store_image(
             f"image file not found: {path}. Pass --images the folder the store was extracted "
             f"from (images/path is {relative!r})."
         )
-    with Image.open(path) as opened:
-        image = ImageOps.exif_transpose(opened).convert("RGB")
+    # The same decoding as `dsran extract`, so boxes and pixels agree after EXIF orientation.
+    image = load_rgb(path)
     stored_size = (int(store.array("images/width")[row]), int(store.array("images/height")[row]))
     if image.size != stored_size:
         logger.warning(
@@ -152,5 +154,4 @@ def render_store_image(
             *image.size,
             *stored_size,
         )
-    regions = stored_regions(store, row, max_regions, attribute_threshold)
     return draw_regions(image, regions)

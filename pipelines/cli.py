@@ -4,7 +4,7 @@ import logging
 from pathlib import Path
 
 import click
-from dsran.extract.cli import extract_command, info_command
+from dsran.extract.cli import extract_command, import_command, info_command, show_command
 from dsran.pipelines.params import PARAMS_FILE, check_option_names, load_default_map
 
 from dsran import __version__
@@ -63,6 +63,8 @@ def cli(ctx: click.Context, verbose: int, params_path: Path | None, no_params: b
 
 cli.add_command(extract_command)
 cli.add_command(info_command)
+cli.add_command(import_command)
+cli.add_command(show_command)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dsran.extract.base import ExtractorError
 from dsran.extract.detector import DetectorConfig
 from dsran.extract.regions import RegionExtractor
 from dsran.extract.store import NUM_OBJECT_CLASSES
@@ -192,7 +193,7 @@ def test_seeds_change_features(images, extracted):
     ],
 )
 def test_invalid_options_are_rejected(options, message):
-    with pytest.raises((ValueError, FileNotFoundError), match=message):
+    with pytest.raises(ExtractorError, match=message):
         RegionExtractor(**options)
 
 
