@@ -4,6 +4,7 @@ import logging
 from pathlib import Path
 
 import click
+from dsran.evaluate.cli import eval_command
 from dsran.extract.cli import extract_command, import_command, info_command, show_command
 from dsran.pipelines.params import PARAMS_FILE, check_option_names, load_default_map
 
@@ -65,6 +66,7 @@ cli.add_command(extract_command)
 cli.add_command(info_command)
 cli.add_command(import_command)
 cli.add_command(show_command)
+cli.add_command(eval_command)
 
 
 def main() -> None:

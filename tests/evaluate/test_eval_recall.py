@@ -39,13 +39,14 @@ def random_problem(seed: int, captions_per_image: list[int], dim: int = 16):
     return (images @ captions.T).astype(np.float32), caption_image
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_ranks_match_argsort_reference(seed):
+def test_ranks_match_argsort_reference(seed, backend):
     rng = np.random.default_rng(100 + seed)
     captions_per_image = rng.integers(4, 8, size=60).tolist()  # 4 to 7 captions
     similarity, caption_image = random_problem(seed, captions_per_image)
 
-    ranks = retrieval_ranks(similarity, caption_image, chunk_size=7, device="cpu")
+    ranks = retrieval_ranks(similarity, caption_image, chunk_size=7, device="cpu", backend=backend)
     i2t, t2i = reference_ranks(similarity, caption_image)
 
     np.testing.assert_array_equal(ranks.i2t, i2t)
@@ -64,11 +65,14 @@ def test_fixed_captions_per_image_match_reference(per_image):
     assert metrics["i2t_r10"] >= metrics["i2t_r5"] >= metrics["i2t_r1"]
 
 
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("chunk_size", [1, 3, 16, 59, 60, 1000])
-def test_chunked_equals_full_matrix(chunk_size):
+def test_chunked_equals_full_matrix(chunk_size, backend):
     similarity, caption_image = random_problem(7, [4, 6] * 30)
-    full = retrieval_ranks(similarity, caption_image, chunk_size=60, device="cpu")
-    chunked = retrieval_ranks(similarity, caption_image, chunk_size=chunk_size, device="cpu")
+    full = retrieval_ranks(similarity, caption_image, chunk_size=60, device="cpu", backend="numpy")
+    chunked = retrieval_ranks(
+        similarity, caption_image, chunk_size=chunk_size, device="cpu", backend=backend
+    )
     for field in ("i2t", "t2i", "i2t_best_caption", "i2t_top1", "t2i_top1"):
         np.testing.assert_array_equal(getattr(chunked, field), getattr(full, field), err_msg=field)
 
@@ -122,13 +126,24 @@ def test_hand_made_embeddings_known_answers():
     assert metrics["rsum"] == pytest.approx(100.0 + 100.0 * 9 / 11)
 
 
-def test_ties_count_in_query_favour():
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_ties_count_in_query_favour(backend):
     # Every score equal: each query ranks its positive first.
     similarity = np.zeros((4, 8), dtype=np.float32)
     caption_image = np.repeat(np.arange(4), 2)
-    ranks = retrieval_ranks(similarity, caption_image, device="cpu")
+    ranks = retrieval_ranks(similarity, caption_image, device="cpu", backend=backend)
     assert ranks.i2t.tolist() == [1, 1, 1, 1]
     assert ranks.t2i.tolist() == [1] * 8
+
+
+def test_metrics_skip_top1():
+    similarity, caption_image = random_problem(5, [5] * 10)
+    ranks = retrieval_ranks(similarity, caption_image, device="cpu", with_top1=False)
+    assert ranks.i2t_top1 is None
+    assert ranks.t2i_top1 is None
+    full = retrieval_ranks(similarity, caption_image, device="cpu")
+    np.testing.assert_array_equal(ranks.i2t, full.i2t)
+    np.testing.assert_array_equal(ranks.t2i, full.t2i)
 
 
 def test_image_rank_is_best_caption_rank():
@@ -188,8 +203,23 @@ def test_caption_map_errors_name_the_problem():
         retrieval_ranks(np.zeros(4), [0, 1, 2, 2], device="cpu")
 
 
-def test_non_finite_scores_rejected():
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_non_finite_scores_rejected(backend):
     similarity = np.zeros((3, 3), dtype=np.float32)
     similarity[2, 1] = np.nan
-    with pytest.raises(ValueError, match="NaN or infinite scores in image rows 2..2"):
-        retrieval_ranks(similarity, [0, 1, 2], chunk_size=1, device="cpu")
+    with pytest.raises(ValueError, match="score of nan in image rows 2..2"):
+        retrieval_ranks(similarity, [0, 1, 2], chunk_size=1, device="cpu", backend=backend)
+    similarity[2, 1] = np.inf
+    with pytest.raises(ValueError, match="score of inf in image rows 2..2"):
+        retrieval_ranks(similarity, [0, 1, 2], chunk_size=1, device="cpu", backend=backend)
+    similarity[2, 1] = -np.inf  # a negative that ranks last
+    ranks = retrieval_ranks(similarity, [0, 1, 2], device="cpu", backend=backend)
+    assert ranks.t2i.tolist() == [1, 1, 1]
+    similarity[1, 1] = -np.inf
+    with pytest.raises(ValueError, match="positive score of caption 1 is -inf"):
+        retrieval_ranks(similarity, [0, 1, 2], device="cpu", backend=backend)
+
+
+def test_unknown_backend_rejected():
+    with pytest.raises(ValueError, match="unknown backend 'jax'.*'numpy', 'torch'"):
+        retrieval_ranks(np.zeros((1, 1)), [0], backend="jax")
