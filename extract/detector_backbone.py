@@ -3,10 +3,10 @@
 Module and parameter names follow detectron2 (``stem.conv1.weight``,
 ``res4.22.conv3.norm.running_var``, ...), because the published PyTorch conversion of the
 Caffe model is a detectron2 state dict. The blocks differ from torchvision's
-``Bottleneck`` in three ways that the Caffe weights depend on: the stride sits in the
-first 1x1 convolution (the original MSRA ResNet), every batch norm is frozen and attached
-to its convolution as ``conv.norm``, and the stem's max pooling rounds up (Caffe's
-pooling), so torchvision's block class cannot hold these weights by name.
+``Bottleneck`` in three ways that the Caffe weights depend on. The stride sits in the
+first 1x1 convolution (the original MSRA ResNet). Every batch norm is frozen and attached
+to its convolution as ``conv.norm``. The stem's max pooling rounds up, as Caffe's pooling
+does. So torchvision's block class cannot hold these weights by name.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ class ConvNorm(nn.Conv2d):
     The batch norm is folded into the convolution's weight and bias, so that under
     autocast the layer is one reduced-precision convolution instead of a bfloat16
     convolution followed by a float32 affine map. The folded tensors are cached in the
-    compute dtype and rebuilt whenever a parameter or buffer changes in place (weight
-    loading does), because folding and casting 42M weights on every call cost as much
-    as the convolutions themselves on small CPU inputs.
+    compute dtype and rebuilt whenever a parameter or buffer changes in place, as weight
+    loading does. Folding and casting the 42M convolution weights on every call cost as
+    much as the convolutions themselves on small CPU inputs.
     """
 
     def __init__(
@@ -171,7 +171,7 @@ class ResNetC4Backbone(nn.Module):
 
 
 def make_res5_head() -> nn.Sequential:
-    """The res5 stage run on each 14x14 RoI: stride 1 with dilation 2, so the output stays 14x14.
+    """Build the res5 stage run on each 14x14 RoI: stride 1 with dilation 2, so the output stays 14x14.
 
     The published Caffe test network (models/vg/ResNet-101/faster_rcnn_end2end_final/
     test.prototxt of peteanderson80/bottom-up-attention) and MILVLG's converted config

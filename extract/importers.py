@@ -14,8 +14,8 @@ Two formats are read into the same ``regions/*`` arrays that ``dsran extract`` w
 
 Both formats give boxes in original-image pixels and object / attribute ids that skip
 the background class, as the stores do. The store's rows are the images of an image
-folder; each source record is matched to a row by relative path without extension,
-by file stem, or by the number at the end of the stem (COCO ids).
+folder. Each source record is matched to a row by relative path without extension, by
+file stem, or by the number at the end of the stem (COCO ids).
 """
 
 from __future__ import annotations
@@ -186,7 +186,9 @@ def read_milvlg_npz(path: str | Path, image_id: str | None = None) -> ImportedRe
 
     info = arrays.get("info", {})
     if not isinstance(info, Mapping):
-        raise FeatureImportError(f"{path}: 'info' holds a {type(info).__name__}, expected a dict")
+        raise FeatureImportError(
+            f"{path}: 'info' contains a {type(info).__name__}, expected a dict"
+        )
     features = np.asarray(arrays["x"], dtype=np.float32)
     boxes = np.asarray(arrays["bbox"], dtype=np.float32).reshape(-1, 4)
     if "num_bbox" in arrays and int(arrays["num_bbox"]) != len(features):
@@ -264,6 +266,7 @@ def _tsv_record(row: Mapping[str, str], source: str) -> ImportedRegions:
         count = int(row["num_boxes"])
     except (TypeError, ValueError) as error:
         raise FeatureImportError(f"{source}: invalid image size or box count: {error}") from error
+
     features = _decode_base64(row["features"], np.float32, source, "features")
     boxes = _decode_base64(row["boxes"], np.float32, source, "boxes")
     if features.size != count * FEATURE_DIM or boxes.size != count * 4:
@@ -271,6 +274,7 @@ def _tsv_record(row: Mapping[str, str], source: str) -> ImportedRegions:
             f"{source}: num_boxes is {count} but features hold {features.size} floats "
             f"and boxes {boxes.size} (expected {count} x {FEATURE_DIM} and {count} x 4)"
         )
+
     predictions = {}
     for field, dtype in (
         ("objects_id", np.int64),
@@ -347,7 +351,7 @@ class ImageMatcher:
 
 @dataclass
 class ImportReport:
-    """What an import wrote: counts, and the ids that matched no image."""
+    """Counts of an import, and the dump's image ids that matched no image."""
 
     imported: int  # images whose regions were written
     skipped_done: int  # images already done in the store (a resumed import)
@@ -442,9 +446,9 @@ def import_regions(
 ) -> ImportReport:
     """Write imported regions into the store at ``out``, one row per entry of ``image_paths``.
 
-    A new store is created; an existing one must have the same settings, and its done
-    rows are left as they are, so an interrupted import can run again. Images with no
-    record in the dump are recorded as failed, so the finished store passes
+    A missing store is created. An existing one must have the same settings, and its
+    done rows are left as they are, so an interrupted import can run again. Images with
+    no record in the dump are recorded as failed, so the finished store passes
     ``check_complete``.
     """
     out = Path(out)

@@ -219,10 +219,10 @@ def test_import_npz_then_show(region_images, tmp_path):
     assert store.array("regions/count")[:].tolist().count(4) == 3
 
     picture = tmp_path / "imported.png"
-    shown = CliRunner().invoke(
+    show_result = CliRunner().invoke(
         cli, ["show", str(out), names[0], "--images", str(region_images), "--out", str(picture)]
     )
-    assert shown.exit_code == 0, shown.output
+    assert show_result.exit_code == 0, show_result.output
     assert picture.is_file()
 
 
