@@ -98,6 +98,10 @@ def prepare_image(image: Image.Image, config: DetectorConfig) -> DetectorInput:
     The published extractor subtracts the mean, then resizes with OpenCV's bilinear
     interpolation; torch's bilinear interpolation without antialiasing uses the same
     half-pixel sampling.
+
+    NOTE: OpenCV rounds its fixed-point interpolation weights and derives the sampling
+    step from the scale factor rather than the output size, so pixels can differ
+    slightly from MILVLG's, and features are close to, not bit-equal to, theirs.
     """
     if image.mode != "RGB":
         image = image.convert("RGB")

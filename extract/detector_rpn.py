@@ -31,6 +31,12 @@ def caffe_cell_anchors(
     Order: aspect ratio major, scale minor. Sides are rounded per aspect ratio before
     scaling (ratio 0.5 gives 23x12 base pixels, not 22.6x11.3), and every anchor is
     centred on pixel 7.5 of the first 16x16 cell.
+
+    NOTE: MILVLG's config lists anchor SIZES [[4, 8, 16, 32]], which detectron2's
+    DefaultAnchorGenerator would read as pixel sides in size-major order. These anchors
+    follow the Caffe proposal layer the weights were trained with (scales of a 16-pixel
+    base, ratio-major), and no real checkpoint was available here to confirm which of
+    the two the converted weights expect.
     """
     center = (base_size - 1) / 2
     anchors = []

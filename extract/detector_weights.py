@@ -191,6 +191,9 @@ def load_detector_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
 
     Every parameter and batch-norm statistic must be found with the right shape, or
     DetectorWeightsError lists the missing, unexpected and mis-shaped names.
+
+    NOTE: tested with files built from the names and shapes of MILVLG's model code and
+    config, not with the published file itself, which was not available here.
     """
     path = Path(path)
     checkpoint = read_checkpoint(path)
