@@ -99,9 +99,9 @@ def prepare_image(image: Image.Image, config: DetectorConfig) -> DetectorInput:
     interpolation; torch's bilinear interpolation without antialiasing uses the same
     half-pixel sampling.
 
-    NOTE: OpenCV rounds its fixed-point interpolation weights and derives the sampling
-    step from the scale factor rather than the output size, so pixels can differ
-    slightly from MILVLG's, and features are close to, not bit-equal to, theirs.
+    NOTE: OpenCV derives the sampling step from the scale factor, torch from the
+    rounded output size, so pixels can differ slightly from MILVLG's, and features are
+    close to, not bit-equal to, theirs.
     """
     if image.mode != "RGB":
         image = image.convert("RGB")
