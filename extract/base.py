@@ -74,7 +74,13 @@ class ExtractorOptions:
     grid_weights: str | None = None  # torchvision ResNet152 state dict file, or None for the cache
     random_weights: bool = False  # use seeded random CNN weights when no weights file is found
     seed: int = 0  # seed of the random weights
-    # TODO: add the region detector's weights path here when the regions extractor lands.
+    region_weights: str | None = None  # the detector's detectron2 checkpoint (MILVLG .pth)
+    min_boxes: int = 100  # regions kept per image at least (published: 10 to 100; DSRAN: 100)
+    max_boxes: int = 100  # regions kept per image at most; the store's K
+    class_probs: bool = False  # also store regions/class_probs (N, K, 1601)
+    region_proposals: int = 300  # RPN proposals per image that run through the box head
+    region_min_size: int = 600  # shorter image side for the detector, in pixels
+    region_max_size: int = 1000  # longer image side cap for the detector, in pixels
 
 
 def _build_grid(options: ExtractorOptions) -> FeatureExtractor:
@@ -83,10 +89,16 @@ def _build_grid(options: ExtractorOptions) -> FeatureExtractor:
     return GridExtractor.from_options(options)
 
 
+def _build_regions(options: ExtractorOptions) -> FeatureExtractor:
+    from dsran.extract.regions import RegionExtractor
+
+    return RegionExtractor.from_options(options)
+
+
 # Factories by feature kind, in the order the runner runs them.
-# TODO: register "regions" here once the region detector lands.
 EXTRACTOR_FACTORIES: dict[str, Callable[[ExtractorOptions], FeatureExtractor]] = {
     "grid": _build_grid,
+    "regions": _build_regions,
 }
 
 

@@ -1,4 +1,4 @@
-"""Click commands of stage 1: ``dsran extract`` and ``dsran info``."""
+"""Click commands of stage 1: ``dsran extract``, ``dsran info``, ``dsran import`` and ``dsran show``."""
 
 from __future__ import annotations
 
@@ -6,8 +6,18 @@ from pathlib import Path
 
 import click
 from dsran.extract.base import DEVICES, PRECISIONS, ExtractorError, ExtractorOptions
-from dsran.extract.captions import CaptionError
+from dsran.extract.captions import CaptionError, match_captions
+from dsran.extract.images import ImageLoadError, discover_images
+from dsran.extract.importers import (
+    IMPORT_FORMATS,
+    FeatureImportError,
+    import_regions,
+    import_settings,
+    iter_bottom_up_tsv,
+    iter_milvlg_folder,
+)
 from dsran.extract.runner import ExtractConfig, run_extraction
+from dsran.extract.show import render_store_image
 from dsran.extract.store import FeatureStore, StoreError
 
 
@@ -35,14 +45,61 @@ from dsran.extract.store import FeatureStore, StoreError
 @click.option("--grid/--no-grid", default=True, help="Extract ResNet152 grid features.")
 @click.option(
     "--regions/--no-regions",
-    default=False,
-    help="Extract Faster R-CNN region features (not available yet; the default is --no-regions).",
+    default=True,
+    help="Extract Visual Genome Faster R-CNN region features (bottom-up attention).",
 )
 @click.option(
     "--grid-weights",
     type=click.Path(dir_okay=False, path_type=Path),
     help="torchvision ResNet152 state dict file. Default: torchvision's cache "
     "($TORCH_HOME/hub/checkpoints/resnet152-394f9c45.pth).",
+)
+@click.option(
+    "--region-weights",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The region detector's detectron2 checkpoint: MILVLG's bua-caffe-frcn-r101-k10-100.pth "
+    "(bottom-up-attention.pytorch model zoo).",
+)
+@click.option(
+    "--min-boxes",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Regions kept per image at least (the best by confidence fill up to it).",
+)
+@click.option(
+    "--max-boxes",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Regions kept per image at most: the store's K. DSRAN uses exactly 100 (100 and 100).",
+)
+@click.option(
+    "--class-probs",
+    is_flag=True,
+    help="Also store the 1601 class probabilities of each region (regions/class_probs).",
+)
+@click.option(
+    "--region-proposals",
+    type=click.IntRange(min=1),
+    default=300,
+    show_default=True,
+    help="RPN proposals per image that run through the detector's box head (published: "
+    "300). Fewer is faster and caps the choice of regions; it must be at least --max-boxes.",
+)
+@click.option(
+    "--region-min-size",
+    type=click.IntRange(min=1),
+    default=600,
+    show_default=True,
+    help="Shorter image side for the detector, in pixels (published: 600).",
+)
+@click.option(
+    "--region-max-size",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Cap on the longer image side for the detector, in pixels (published: 1000).",
 )
 @click.option(
     "--random-weights",
@@ -106,6 +163,13 @@ def extract_command(
     grid: bool,
     regions: bool,
     grid_weights: Path | None,
+    region_weights: Path | None,
+    min_boxes: int,
+    max_boxes: int,
+    class_probs: bool,
+    region_proposals: int,
+    region_min_size: int,
+    region_max_size: int,
     random_weights: bool,
     device: str,
     precision: str,
@@ -125,14 +189,7 @@ def extract_command(
         raise click.ClickException(
             f"--workers {workers} and --scheduler {scheduler} exclude each other; pass one of them"
         )
-    if regions:
-        # TODO: add "regions" to `kinds` once the region detector is registered in
-        # dsran.extract.base.EXTRACTOR_FACTORIES.
-        raise click.ClickException(
-            "--regions is not available yet: this dsran has no region detector. "
-            "Run with --no-regions (the default)."
-        )
-    kinds = ["grid"] if grid else []
+    kinds = [kind for kind, enabled in (("grid", grid), ("regions", regions)) if enabled]
     if not kinds:
         raise click.ClickException("--no-grid and --no-regions leave nothing to extract")
     options = ExtractorOptions(
@@ -140,6 +197,13 @@ def extract_command(
         precision=precision,
         grid_weights=str(grid_weights) if grid_weights is not None else None,
         random_weights=random_weights,
+        region_weights=str(region_weights) if region_weights is not None else None,
+        min_boxes=min_boxes,
+        max_boxes=max_boxes,
+        class_probs=class_probs,
+        region_proposals=region_proposals,
+        region_min_size=region_min_size,
+        region_max_size=region_max_size,
     )
     config = ExtractConfig(
         images=images,
@@ -169,3 +233,152 @@ def info_command(store: str) -> None:
         click.echo(FeatureStore.open(store).summary())
     except StoreError as error:
         raise click.ClickException(str(error)) from error
+
+
+@click.command("import")
+@click.option(
+    "--format",
+    "source_format",
+    required=True,
+    type=click.Choice(IMPORT_FORMATS),
+    help="milvlg-npz: a folder of per-image .npz files of MILVLG/bottom-up-attention.pytorch. "
+    "bottom-up-tsv: TSV files of peteanderson80/bottom-up-attention (generate_tsv.py).",
+)
+@click.option(
+    "--features",
+    "sources",
+    required=True,
+    multiple=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="The .npz folder, or a TSV file (repeat for several TSV files).",
+)
+@click.option(
+    "--images",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Image folder the features were extracted from; its images become the store's rows, "
+    "as with `dsran extract`. Records match images by path, file stem or COCO id.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Feature store (Zarr folder): created when missing, else resumed.",
+)
+@click.option(
+    "--captions",
+    "captions",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="COCO captions JSON or Karpathy split JSON, as for `dsran extract`.",
+)
+@click.option(
+    "--max-boxes",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Regions per image the store holds (K); images with fewer are padded.",
+)
+@click.option(
+    "--chunk-images",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Images per store chunk, for a new store (default 16).",
+)
+def import_command(
+    source_format: str,
+    sources: tuple[Path, ...],
+    images: Path,
+    out: Path,
+    captions: tuple[Path, ...],
+    max_boxes: int,
+    chunk_images: int | None,
+) -> None:
+    """Import region features that other extractors wrote into a feature store.
+
+    Images of the folder without a record in the dump are recorded as failed. Running
+    the same command again resumes an interrupted import.
+    """
+    if source_format == "milvlg-npz" and (len(sources) != 1 or not sources[0].is_dir()):
+        raise click.ClickException(
+            f"--format milvlg-npz reads one folder of .npz files, got {', '.join(map(str, sources))}"
+        )
+    if source_format == "bottom-up-tsv" and any(source.is_dir() for source in sources):
+        raise click.ClickException("--format bottom-up-tsv reads TSV files, not folders")
+    try:
+        image_paths = discover_images(images)
+        if not image_paths:
+            raise StoreError(f"no image files found under {images}")
+        if source_format == "milvlg-npz":
+            records = iter_milvlg_folder(sources[0])
+        else:
+            records = (record for source in sources for record in iter_bottom_up_tsv(source))
+        settings = import_settings(source_format, sources, max_boxes)
+        report = import_regions(records, out, image_paths, settings, chunk_images=chunk_images)
+        store = FeatureStore.open(out, mode="r+")
+        if captions:
+            matched = match_captions(captions, list(store.image_paths()))
+            store.write_captions(matched.text, matched.image)
+            store.write_splits(matched.splits)
+    except (FeatureImportError, StoreError, CaptionError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(
+        f"imported regions of {report.imported} images ({report.skipped_done} already done, "
+        f"{report.missing} without a record, {len(report.unmatched)} records without an image)"
+    )
+    click.echo(store.summary())
+
+
+@click.command("show")
+@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("image")
+@click.option(
+    "--images",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Image folder the store was extracted from.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Output image file (PNG or JPEG, by extension).",
+)
+@click.option(
+    "--boxes",
+    "max_regions",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Draw the N regions with the highest object scores.",
+)
+@click.option(
+    "--attribute-threshold",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.0,
+    show_default=True,
+    help="Put the attribute in a label only when its score reaches this value.",
+)
+def show_command(
+    store: Path,
+    image: str,
+    images: Path,
+    out: Path,
+    max_regions: int,
+    attribute_threshold: float,
+) -> None:
+    """Draw the stored regions of IMAGE (a path, file stem or row number) with their labels."""
+    try:
+        feature_store = FeatureStore.open(store)
+        drawn = render_store_image(
+            feature_store,
+            image,
+            images,
+            max_regions=max_regions,
+            attribute_threshold=attribute_threshold,
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        drawn.save(out)
+    except (StoreError, FileNotFoundError, ImageLoadError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"wrote {out}")

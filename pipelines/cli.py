@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 from dsran.evaluate.cli import eval_command
-from dsran.extract.cli import extract_command, info_command
+from dsran.extract.cli import extract_command, import_command, info_command, show_command
 from dsran.pipelines.params import PARAMS_FILE, check_option_names, load_default_map
 from dsran.train.cli import train_command
 
@@ -65,6 +65,8 @@ def cli(ctx: click.Context, verbose: int, params_path: Path | None, no_params: b
 
 cli.add_command(extract_command)
 cli.add_command(info_command)
+cli.add_command(import_command)
+cli.add_command(show_command)
 cli.add_command(train_command)
 cli.add_command(eval_command)
 

@@ -47,8 +47,13 @@ def mini_images(tmp_path_factory) -> Path:
 
 
 def extract_args(images: Path, out: Path, *extra: str) -> list[str]:
-    """The `dsran extract` arguments every store comparison uses: small chunks and batches."""
+    """The `dsran extract` arguments every store comparison uses: small chunks and batches.
+
+    Region features are off because the published detector settings take seconds per
+    image on a CPU; the region tests pass --regions with a small detector configuration.
+    """
     args = ["extract", "--images", str(images), "--out", str(out), "--random-weights"]
+    args.append("--no-regions")
     for caption_file in CAPTION_FILES:
         args += ["--captions", str(caption_file)]
     return [*args, "--chunk-images", "2", "--batch-size", "2", *extra]

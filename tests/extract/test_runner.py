@@ -219,7 +219,15 @@ def test_settings_mismatch_rejected(reference_store, mini_images, tmp_path):
             ["--workers", "2", "--scheduler", "tcp://127.0.0.1:1"],
             "--workers 2 and --scheduler tcp://127.0.0.1:1 exclude each other",
         ),
-        (["--regions"], "--regions is not available yet"),
+        (
+            ["--regions", "--region-weights", "absent.pth"],
+            "--random-weights and --region-weights absent.pth exclude each other",
+        ),
+        (["--regions", "--min-boxes", "20", "--max-boxes", "10"], "min_boxes=20, max_boxes=10"),
+        (
+            ["--regions", "--region-proposals", "50"],
+            "rpn_post_nms_topk=50, max_boxes=100",
+        ),
         (["--no-grid"], "--no-grid and --no-regions leave nothing to extract"),
         (["--grid-weights", "absent.pth"], "exclude each other"),
     ],
