@@ -7,7 +7,7 @@ import click
 from dsran.evaluate.cli import eval_command
 from dsran.extract.cli import extract_command, import_command, info_command, show_command
 from dsran.pipelines.params import PARAMS_FILE, check_option_names, load_default_map
-from dsran.train.cli import train_command
+from dsran.train.cli import convert_official_command, train_command
 
 from dsran import __version__
 
@@ -69,6 +69,7 @@ cli.add_command(import_command)
 cli.add_command(show_command)
 cli.add_command(train_command)
 cli.add_command(eval_command)
+cli.add_command(convert_official_command)
 
 
 def main() -> None:

@@ -140,3 +140,75 @@ def train_command(
         click.echo(
             f"stopped {out} at step {state.step}; continue with: dsran train --feats {feats} --out {out} --resume"
         )
+
+
+@click.command("convert-official")
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run folder to write; `dsran eval --model RUN` reads it like a trained run.",
+)
+@click.option(
+    "--feats",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Feature store to evaluate on (with regions/class_probs); recorded in the run, and its "
+    "grid weights are compared with the checkpoint's ResNet152.",
+)
+@click.option(
+    "--text-model",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="BERT folder of the checkpoint's opt.bert_path: config.json or bert_config.json, and "
+    "vocab.txt or tokenizer files. Its weights are not read; the checkpoint's replace them.",
+)
+@click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Unpickle the checkpoint. Unpickling runs code named in the file; pass this only "
+    "for files from a source you trust.",
+)
+@click.option(
+    "--grid-weights",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The ResNet152 weights file the store's grid features came from, when it is not in "
+    "torchvision's cache; used only for the comparison.",
+)
+@click.option(
+    "--export-resnet",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also save the checkpoint's ResNet152 as a torchvision state dict, for "
+    "`dsran extract --grid-weights FILE`.",
+)
+def convert_official_command(
+    checkpoint: Path,
+    out: Path,
+    feats: Path | None,
+    text_model: Path,
+    trust_pickle: bool,
+    grid_weights: Path | None,
+    export_resnet: Path | None,
+) -> None:
+    """Convert an official DSRAN checkpoint (model_best.pth.tar, BERT) into a run folder."""
+    from dsran.extract.store import StoreError
+    from dsran.train.official import ConversionError, convert_official
+
+    try:
+        result = convert_official(
+            checkpoint,
+            out,
+            text_model=text_model,
+            feats=feats,
+            trust_pickle=trust_pickle,
+            grid_weights=grid_weights,
+            export_resnet_path=export_resnet,
+        )
+    except (ConversionError, StoreError) as error:
+        raise click.ClickException(str(error)) from error
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"converted {checkpoint} into {out}")

@@ -47,7 +47,10 @@ class ModelConfig:
     use_regions: bool = True
     # Grid feature encoder: "paper" (Linear) or "official" (Linear + ReLU + Dropout 0.1).
     grid_encoder: str = "paper"
-    # Region feature encoder: "paper" (Linear).
+    # Region feature encoder: "paper" (Linear) or "official" (the authors' MLP
+    # 2048-2048-D over the features plus Linear + ReLU + Dropout 0.1 over 6 box values and
+    # the 1601 class probabilities, added; it reads regions/boxes, regions/object_scores
+    # and regions/class_probs).
     region_encoder: str = "paper"
     # Text model: a folder with config.json, weights and tokenizer files, a Hugging Face
     # model id already in the local cache (HF_HOME), or "package:MODULE/SUBDIR" for a
@@ -62,6 +65,11 @@ class ModelConfig:
     text_pooling: str = "official"
     # Added to the norm before dividing in the L2 normalisation of embeddings.
     norm_eps: float = 1e-8
+    # Feed the network as the authors' code does: no masks anywhere (BERT attends to
+    # padding, every region slot is a graph node, means cover every position), and
+    # captions cut to data.max_length after adding [CLS] and [SEP] (so a long caption
+    # loses [SEP]) and padded with id 0 to exactly data.max_length. False masks padding.
+    official_masking: bool = False
 
 
 @dataclass
@@ -333,6 +341,8 @@ def validate_config(config: TrainConfig) -> None:
     _check_positive("model.ssr_layers", model.ssr_layers, allow_zero=True)
     _check_choice("model.jsr_branches", model.jsr_branches, (1, 2, 4))
     _check_choice("model.text_pooling", model.text_pooling, ("official", "paper"))
+    _check_choice("model.grid_encoder", model.grid_encoder, ("paper", "official"))
+    _check_choice("model.region_encoder", model.region_encoder, ("paper", "official"))
     if not (model.use_grid or model.use_regions):
         raise ConfigError(
             "model.use_grid and model.use_regions are both false; enable at least one"

@@ -40,10 +40,29 @@ class CaptionSamples:
         return len(self.caption_rows)
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids ``(M, max_length)`` int32 and lengths ``(M,)`` of ``texts``."""
+# Padding id of the authors' data loader, which pads with 0 whatever the vocabulary (BERT's
+# [PAD] is 0).
+OFFICIAL_PAD_ID = 0
+
+# Store arrays that only some extraction options write, with the option that adds them.
+OPTIONAL_ARRAY_HINTS = {
+    "regions/class_probs": "re-run region extraction with `dsran extract --class-probs`",
+}
+
+
+def tokenize(
+    tokenizer, texts: Sequence[str], max_length: int, official: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids ``(M, max_length)`` int32 and lengths ``(M,)`` of ``texts``.
+
+    ``official`` tokenises as the authors' data loader does: [CLS] + word pieces + [SEP]
+    cut to ``max_length`` (a long caption loses [SEP]) and padded with id 0; every
+    length is then ``max_length``, because that model attends to the padding too.
+    """
     if not len(texts):
         return np.zeros((0, max_length), np.int32), np.zeros(0, np.int64)
+    if official:
+        return _tokenize_official(tokenizer, texts, max_length)
     encoded = tokenizer(
         list(texts),
         padding="max_length",
@@ -53,6 +72,31 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarr
         return_tensors="np",
     )
     return encoded["input_ids"].astype(np.int32), encoded["attention_mask"].sum(axis=1)
+
+
+def _tokenize_official(
+    tokenizer, texts: Sequence[str], max_length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    pieces = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    input_ids = np.full((len(texts), max_length), OFFICIAL_PAD_ID, np.int32)
+    for row, ids in enumerate(pieces):
+        ids = [tokenizer.cls_token_id, *ids, tokenizer.sep_token_id][:max_length]
+        input_ids[row, : len(ids)] = ids
+    return input_ids, np.full(len(texts), max_length, np.int64)
+
+
+def check_store_arrays(store: FeatureStore, names: Sequence[str]) -> None:
+    """Raise StoreError naming every array of ``names`` that ``store`` lacks, and the fix."""
+    missing = [name for name in names if name not in store.group]
+    if not missing:
+        return
+    hints = [
+        f"{name}: {OPTIONAL_ARRAY_HINTS[name]}" for name in missing if name in OPTIONAL_ARRAY_HINTS
+    ]
+    raise StoreError(
+        f"feature store {store.path} has no array(s) {', '.join(missing)}, which the model's "
+        "encoders read" + (f" ({'; '.join(hints)})" if hints else "")
+    )
 
 
 def split_image_rows(store: FeatureStore, splits: Sequence[str]) -> np.ndarray:
@@ -85,12 +129,16 @@ def usable_image_rows(store: FeatureStore, rows: np.ndarray, purpose: str) -> np
 
 
 def caption_samples(
-    store: FeatureStore, image_rows: np.ndarray, tokenizer, max_length: int
+    store: FeatureStore,
+    image_rows: np.ndarray,
+    tokenizer,
+    max_length: int,
+    official: bool = False,
 ) -> CaptionSamples:
-    """Every caption of ``image_rows``, tokenised, in store order."""
+    """Every caption of ``image_rows``, tokenised (see :func:`tokenize`), in store order."""
     text, caption_image = store.captions()
     selected = np.flatnonzero(np.isin(caption_image, image_rows))
-    input_ids, lengths = tokenize(tokenizer, [str(text[i]) for i in selected], max_length)
+    input_ids, lengths = tokenize(tokenizer, [str(text[i]) for i in selected], max_length, official)
     return CaptionSamples(
         caption_rows=selected,
         image_rows=caption_image[selected],

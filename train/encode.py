@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from dsran.extract.store import FeatureStore
-from dsran.train.data import tokenize
+from dsran.train.data import check_store_arrays, tokenize
 from dsran.train.precision import autocast_context
 from tqdm import tqdm
 
@@ -86,9 +86,10 @@ def encode_images(
             f"{not_done.size} requested image rows have no features in {store.path} "
             f"(first: row {int(not_done[0])}); they failed or are pending extraction"
         )
+    names = model.store_arrays
+    check_store_arrays(store, names)
     device = _model_device(model, device)
     model.eval()
-    names = model.store_arrays
     out: torch.Tensor | None = None
     progress = tqdm(
         total=len(rows), desc="encode images", unit="img", leave=False, disable=len(rows) < 2048
@@ -121,8 +122,11 @@ def encode_captions(
     """Embed caption texts: ``(len(texts), D)`` float32, L2-normalised.
 
     Captions are cut at ``max_length`` tokens and padded to the longest of each batch;
-    padding is masked. ``precision`` selects autocast as in :func:`resolve_autocast_dtype`.
+    padding is masked. A model with ``official_masking`` gets captions in the authors'
+    form instead (see :func:`tokenize`). ``precision`` selects autocast as in
+    :func:`resolve_autocast_dtype`.
     """
+    official = bool(getattr(model.config, "official_masking", False))
     device = _model_device(model, device)
     model.eval()
     out = torch.empty(len(texts), model.config.embed_size)
@@ -131,7 +135,9 @@ def encode_captions(
     )
     with progress:
         for start in range(0, len(texts), batch_size):
-            input_ids, lengths = tokenize(tokenizer, texts[start : start + batch_size], max_length)
+            input_ids, lengths = tokenize(
+                tokenizer, texts[start : start + batch_size], max_length, official
+            )
             longest = int(lengths.max())
             ids = torch.from_numpy(input_ids[:, :longest]).long().to(device)
             mask = (

@@ -21,6 +21,13 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 STORE_FEATURE_DIM = 2048
+# Object classes of the Visual Genome detector, background included (regions/class_probs).
+NUM_OBJECT_CLASSES = 1601
+# Box values per region that the authors' region encoder reads: x1, y1, x2, y2 scaled by
+# the largest coordinate, relative area, confidence.
+NUM_BOX_VALUES = 6
+# The authors' region encoder adds this to the largest box coordinate before dividing.
+BOX_SCALE_EPS = 1e-5
 
 
 def l2_normalize(x: Tensor, eps: float = 1e-8) -> Tensor:
@@ -153,10 +160,8 @@ class FusionTree(nn.Module):
 # ---------------------------------------------------------------------- feature encoders
 #
 # Encoders map store arrays of one image set to ``(B, N, D)`` nodes. Each declares the
-# store arrays it reads, so the data loader reads exactly those. A new variant (for
-# example the authors' region MLP plus a Linear over box geometry and class
-# probabilities, which reads regions/boxes and regions/class_probs) is one class and
-# one registry entry.
+# store arrays it reads, so the data loader reads exactly those. A new variant is one
+# class and one registry entry.
 
 
 class LinearGridEncoder(nn.Module):
@@ -196,12 +201,84 @@ class LinearRegionEncoder(nn.Module):
         return self.fc(arrays["regions/features"])
 
 
+def official_box_inputs(
+    boxes: Tensor, object_scores: Tensor, class_probs: Tensor, count: Tensor
+) -> Tensor:
+    """Build the authors' per-region input of box values and class probabilities.
+
+    ``boxes`` ``(B, K, 4)`` x1, y1, x2, y2 in pixels, ``object_scores`` ``(B, K)``,
+    ``class_probs`` ``(B, K, 1601)`` and ``count`` ``(B,)`` -> ``(B, K, 6 + 1601)``.
+    x and y are divided by the largest x and y coordinate of the image's real boxes
+    (plus 1e-5), not by the image size. The six values are the scaled box, its area after
+    scaling (clamped at 0) and the confidence, each row layer-normalised on its own, as
+    are the class probabilities. Padded regions get the values of an all-zero box.
+    """
+    boxes = boxes.float()
+    real = region_mask(count, boxes.shape[1]).unsqueeze(-1)
+    real_boxes = boxes.masked_fill(~real, 0.0)
+    width = real_boxes[..., 0::2].amax(dim=(1, 2)) + BOX_SCALE_EPS
+    height = real_boxes[..., 1::2].amax(dim=(1, 2)) + BOX_SCALE_EPS
+    scale = torch.stack([width, height, width, height], dim=-1).unsqueeze(1)
+    scaled = real_boxes / scale
+    area = ((scaled[..., 3] - scaled[..., 1]) * (scaled[..., 2] - scaled[..., 0])).clamp(min=0.0)
+    confidence = object_scores.float().masked_fill(~real.squeeze(-1), 0.0)
+    values = torch.cat([scaled, area.unsqueeze(-1), confidence.unsqueeze(-1)], dim=-1)
+    probabilities = class_probs.float().masked_fill(~real, 0.0)
+    return torch.cat(
+        [
+            F.layer_norm(values, (NUM_BOX_VALUES,)),
+            F.layer_norm(probabilities, (probabilities.shape[-1],)),
+        ],
+        dim=-1,
+    )
+
+
+class OfficialRegionEncoder(nn.Module):
+    """The authors' region encoder: ``MLP(features) + Linear(box values, class probs)``.
+
+    Features ``(B, K, 2048)`` go through Linear 2048-2048, ReLU, Linear 2048-D, ReLU and
+    Dropout 0.1; the ``(B, K, 6 + 1601)`` inputs of :func:`official_box_inputs` go
+    through Linear, ReLU and Dropout 0.1; the sum is ``(B, K, D)``.
+    """
+
+    store_arrays = (
+        "regions/features",
+        "regions/count",
+        "regions/boxes",
+        "regions/object_scores",
+        "regions/class_probs",
+    )
+
+    def __init__(self, dim: int, dropout: float = 0.1):
+        super().__init__()
+        self.feature_mlp = nn.Sequential(
+            nn.Linear(STORE_FEATURE_DIM, STORE_FEATURE_DIM),
+            nn.ReLU(),
+            nn.Linear(STORE_FEATURE_DIM, dim),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+        )
+        self.box_fc = nn.Sequential(
+            nn.Linear(NUM_BOX_VALUES + NUM_OBJECT_CLASSES, dim), nn.ReLU(), nn.Dropout(dropout)
+        )
+
+    def forward(self, arrays: Mapping[str, Tensor]) -> Tensor:
+        box_inputs = official_box_inputs(
+            arrays["regions/boxes"],
+            arrays["regions/object_scores"],
+            arrays["regions/class_probs"],
+            arrays["regions/count"],
+        )
+        return self.feature_mlp(arrays["regions/features"]) + self.box_fc(box_inputs)
+
+
 GRID_ENCODERS: dict[str, type[nn.Module]] = {
     "paper": LinearGridEncoder,
     "official": OfficialGridEncoder,
 }
 REGION_ENCODERS: dict[str, type[nn.Module]] = {
     "paper": LinearRegionEncoder,
+    "official": OfficialRegionEncoder,
 }
 
 
@@ -270,6 +347,7 @@ class ImageEncoder(nn.Module):
             GraphAttentionLayer(dim, heads, dropout) for _ in range(config.jsr_branches)
         )
         self.fusion = FusionTree(config.jsr_branches, dim)
+        self.official_masking = config.official_masking
 
     @property
     def store_arrays(self) -> tuple[str, ...]:
@@ -290,7 +368,9 @@ class ImageEncoder(nn.Module):
             masks.append(None)
         if self.region_encoder is not None:
             regions = self.region_encoder(arrays)
-            mask = region_mask(arrays["regions/count"], regions.shape[1])
+            mask = None
+            if not self.official_masking:
+                mask = region_mask(arrays["regions/count"], regions.shape[1])
             node_sets.append(self.region_ssr(regions, mask))
             masks.append(mask)
 
@@ -327,14 +407,25 @@ class TextEncoder(nn.Module):
         if self.pooling not in ("official", "paper"):
             raise ValueError(f"unknown text pooling {self.pooling!r}; valid: 'official', 'paper'")
         self.fusion = GatedFusion(dim) if self.pooling == "paper" else None
+        self.official_masking = config.official_masking
         if not config.finetune_text:
             for parameter in self.backbone.parameters():
                 parameter.requires_grad_(False)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Token ids and mask ``(B, L)`` -> ``(B, D)``."""
-        states = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.bool()
+        """Token ids and mask ``(B, L)`` -> ``(B, D)``.
+
+        With ``official_masking`` the mask is ignored: every position is attended to and
+        pooled, padding included.
+        """
+        if self.official_masking:
+            states = self.backbone(input_ids=input_ids).last_hidden_state
+            mask = None
+        else:
+            states = self.backbone(
+                input_ids=input_ids, attention_mask=attention_mask
+            ).last_hidden_state
+            mask = attention_mask.bool()
         words = self.project(states)
         attended = self.gat(words, mask)
         if self.fusion is None:

@@ -28,6 +28,7 @@ from dsran.train.data import (
     CaptionSamples,
     TrainingBatches,
     caption_samples,
+    check_store_arrays,
     epoch_buffers,
     split_image_rows,
     steps_per_epoch,
@@ -72,12 +73,13 @@ def check_store(store: FeatureStore, config: TrainConfig, arrays: tuple[str, ...
             f"feature store {store.path} has no region features, which model.use_regions needs. "
             "Extract or import them, or train on the grid alone with --set model.use_regions=false."
         )
-    missing = [name for name in arrays if name not in store.group]
-    if missing:
+    try:
+        check_store_arrays(store, arrays)
+    except StoreError as error:
         raise TrainingError(
-            f"feature store {store.path} has no array(s) {', '.join(missing)}, which the configured "
-            f"encoders (grid {model.grid_encoder!r}, regions {model.region_encoder!r}) read"
-        )
+            f"{error}; configured encoders: grid {model.grid_encoder!r}, "
+            f"regions {model.region_encoder!r}"
+        ) from error
     if not store.has_captions:
         raise TrainingError(
             f"feature store {store.path} has no captions. Re-run `dsran extract` with --captions FILE."
@@ -342,7 +344,13 @@ class Trainer:
                     val_rows = val_rows[: config.val_max_images]
         except StoreError as error:
             raise TrainingError(str(error)) from error
-        samples = caption_samples(self.store, train_rows, self.tokenizer, config.max_length)
+        samples = caption_samples(
+            self.store,
+            train_rows,
+            self.tokenizer,
+            config.max_length,
+            official=self.config.model.official_masking,
+        )
         if not len(samples):
             raise TrainingError(
                 f"the training splits {config.train_splits} of {self.store.path} have no captions"
