@@ -212,7 +212,7 @@ def _bert_name(name: str) -> str:
     return ".".join(parts)
 
 
-def _gat_module(group: str, branch: str | None, layer: int) -> str | None:
+def _gat_module(group: str, branch: str | None, layer: int, branches: int) -> str | None:
     """dsran module of layer ``layer`` of the authors' GAT ``group``; None when it has none."""
     if group == "gat_1":
         return f"image_encoder.grid_ssr.layers.{layer}"
@@ -222,7 +222,8 @@ def _gat_module(group: str, branch: str | None, layer: int) -> str | None:
         return None  # dsran's text and JSR graph attention are one layer each
     if group == "gat_cap":
         return "text_encoder.gat"
-    return f"image_encoder.jsr_branches.{0 if branch is None else int(branch)}"
+    index = 0 if branch is None else int(branch)
+    return f"image_encoder.jsr_branches.{index}" if index < branches else None
 
 
 def _gat_parameter(rest: str) -> tuple[str, int | None] | None:
@@ -248,7 +249,7 @@ def translate_name(name: str, branches: int) -> tuple[str, int | None] | None:
             return dsran + name[len(official) :], None
     gat = _GAT_PATTERN.match(name)
     if gat:
-        module = _gat_module(gat.group(1), gat.group(2), int(gat.group(3)))
+        module = _gat_module(gat.group(1), gat.group(2), int(gat.group(3)), branches)
         parameter = _gat_parameter(gat.group(4))
         if module is None or parameter is None:
             return None
