@@ -47,10 +47,10 @@ class ModelConfig:
     use_regions: bool = True
     # Grid feature encoder: "paper" (Linear) or "official" (Linear + ReLU + Dropout 0.1).
     grid_encoder: str = "paper"
-    # Region feature encoder: "paper" (Linear) or "official" (the authors' MLP
-    # 2048-2048-D over the features plus Linear + ReLU + Dropout 0.1 over 6 box values and
-    # the 1601 class probabilities, added; it reads regions/boxes, regions/object_scores
-    # and regions/class_probs).
+    # Region feature encoder: "paper" (Linear) or "official". The official one adds the
+    # authors' MLP 2048-2048-D over the features to Linear + ReLU + Dropout 0.1 over 6 box
+    # values and the 1601 class probabilities, so it also reads regions/boxes,
+    # regions/object_scores and regions/class_probs.
     region_encoder: str = "paper"
     # Text model: a folder with config.json, weights and tokenizer files, a Hugging Face
     # model id already in the local cache (HF_HOME), or "package:MODULE/SUBDIR" for a
@@ -65,10 +65,11 @@ class ModelConfig:
     text_pooling: str = "official"
     # Added to the norm before dividing in the L2 normalisation of embeddings.
     norm_eps: float = 1e-8
-    # Feed the network as the authors' code does: no masks anywhere (BERT attends to
-    # padding, every region slot is a graph node, means cover every position), and
-    # captions cut to data.max_length after adding [CLS] and [SEP] (so a long caption
-    # loses [SEP]) and padded with id 0 to exactly data.max_length. False masks padding.
+    # Feed the network as the authors' code does when true. No masks anywhere: BERT
+    # attends to padding, every region slot is a graph node and means cover every
+    # position. Captions are cut to data.max_length after adding [CLS] and [SEP], so a
+    # long caption loses [SEP], and padded with id 0 to exactly data.max_length.
+    # False masks padding.
     official_masking: bool = False
 
 

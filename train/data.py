@@ -135,7 +135,7 @@ def caption_samples(
     max_length: int,
     official: bool = False,
 ) -> CaptionSamples:
-    """Every caption of ``image_rows``, tokenised (see :func:`tokenize`), in store order."""
+    """Tokenise every caption of ``image_rows`` (see :func:`tokenize`), in store order."""
     text, caption_image = store.captions()
     selected = np.flatnonzero(np.isin(caption_image, image_rows))
     input_ids, lengths = tokenize(tokenizer, [str(text[i]) for i in selected], max_length, official)

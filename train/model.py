@@ -212,6 +212,9 @@ def official_box_inputs(
     (plus 1e-5), not by the image size. The six values are the scaled box, its area after
     scaling (clamped at 0) and the confidence, each row layer-normalised on its own, as
     are the class probabilities. Padded regions get the values of an all-zero box.
+
+    NOTE: the store keeps class probabilities in float16 (relative error up to about
+    5e-4), so these inputs differ slightly from the authors' float32 ones.
     """
     boxes = boxes.float()
     real = region_mask(count, boxes.shape[1]).unsqueeze(-1)
@@ -369,6 +372,8 @@ class ImageEncoder(nn.Module):
         if self.region_encoder is not None:
             regions = self.region_encoder(arrays)
             mask = None
+            # NOTE: the authors' features have the same number of boxes for every image, so
+            # with official_masking an image with fewer boxes gets padded nodes they never saw.
             if not self.official_masking:
                 mask = region_mask(arrays["regions/count"], regions.shape[1])
             node_sets.append(self.region_ssr(regions, mask))

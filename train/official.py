@@ -10,7 +10,7 @@ Name changes, from the authors' modules (``model_bert.py``, ``GAT.py``) to dsran
 
 - ``img_enc.fc.0`` (Linear after the ResNet) -> ``image_encoder.grid_encoder.fc``;
   ``img_enc.cnn.*`` (their ResNet152) is not part of dsran's model, because the store
-  holds its outputs; it is compared with the store's grid weights instead.
+  contains its outputs. It is compared with the store's grid weights instead.
 - ``rcnn_enc.fc_image.{0,2}`` -> ``image_encoder.region_encoder.feature_mlp.{0,2}``,
   ``rcnn_enc.fc_pos.0`` -> ``image_encoder.region_encoder.box_fc.0``; ``rcnn_enc.fc`` is
   never used in the authors' forward pass and is left out.
@@ -64,7 +64,7 @@ CNN_PREFIX = "img_enc.cnn."
 OFFICIAL_RESNET_FILE = "resnet152-b121ed2d.pth"
 # Captions are cut at this many tokens in the authors' data loader.
 OFFICIAL_MAX_LENGTH = 32
-# Parameters that the authors' model holds but never uses in its forward pass.
+# Parameters that the authors' model contains but never uses in its forward pass.
 UNUSED_PARAMETERS = {
     "rcnn_enc.fc.weight": "Linear(2D, D) of RcnnEncoder, never called in its forward",
     "rcnn_enc.fc.bias": "Linear(2D, D) of RcnnEncoder, never called in its forward",
@@ -133,7 +133,7 @@ class MappedState:
 
 @dataclass
 class ConversionResult:
-    """What :func:`convert_official` wrote and found."""
+    """Run folder, config, metadata and warnings of one :func:`convert_official` call."""
 
     out: Path
     config: TrainConfig
@@ -346,6 +346,9 @@ def official_config(
             "text_dropout": 0.1,
             "text_pooling": "official",
             "official_masking": True,
+            # The authors divide by the bare norm. The default norm_eps of 1e-8 moves an
+            # embedding by about 1e-8 / norm, far below the 1e-5 the tests check, and keeps
+            # an all-zero row finite, so it stays.
         },
         "data": {
             "train_splits": ["train", "restval"] if "coco" in data_name else ["train"],
@@ -427,10 +430,10 @@ def build_official_model(config: TrainConfig, bert_config) -> DSRAN:
 
 
 def load_mapped_state(model: nn.Module, mapped: MappedState) -> list[str]:
-    """Copy ``mapped`` into ``model``; raise ConversionError listing every mismatch.
+    """Copy ``mapped`` into ``model``, or raise ConversionError listing every mismatch.
 
-    Returns the names of BatchNorm step counters that the checkpoint lacked (files of
-    PyTorch before 0.4.1 have none); they keep their value 0 and matter only in training.
+    Returns the names of BatchNorm step counters that the checkpoint lacks, because files
+    of PyTorch before 0.4.1 have none. They keep their value 0 and matter only in training.
     """
     expected = model.state_dict()
     missing = [name for name in expected if name not in mapped.state]
@@ -487,7 +490,7 @@ def compare_resnet(
     from dsran.extract.grid import read_state_dict, torchvision_cache_dir
 
     if not cnn:
-        return _not_compared("the checkpoint holds no ResNet152 (no img_enc.cnn.* names)")
+        return _not_compared("the checkpoint contains no ResNet152 (no img_enc.cnn.* names)")
     if store_settings is None:
         return _not_compared("no --feats store was given")
     grid = store_settings.get("grid")
@@ -544,7 +547,7 @@ def _compare_tensors(
     differing_parameters, differing_statistics = [], []
     max_difference = 0.0
     for name, tensor in reference.items():
-        # A step counter says how long BatchNorm ran, not what the network computes.
+        # A step counter counts BatchNorm updates and does not change what the network computes.
         if name not in cnn or name.endswith("num_batches_tracked"):
             continue
         other = cnn[name]
@@ -591,7 +594,7 @@ def export_resnet(cnn: Mapping[str, Tensor], path: Path) -> None:
     from dsran.extract.grid import read_state_dict
 
     if not cnn:
-        raise ConversionError("the checkpoint holds no ResNet152 (no img_enc.cnn.* names)")
+        raise ConversionError("the checkpoint contains no ResNet152 (no img_enc.cnn.* names)")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({name: tensor.contiguous() for name, tensor in cnn.items()}, path)
     read_state_dict(path)  # raises when the names or shapes are not torchvision's

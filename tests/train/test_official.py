@@ -1,10 +1,10 @@
 """Converting the authors' DSRAN checkpoints and running the official variant.
 
-The checkpoints here are written by the tests with the names and shapes of the authors'
-modules (model_bert.py, GAT.py, pytorch_pretrained_bert, their torchvision-style
-ResNet152), random values, a small BERT and a small embedding size; feature sizes
-(2048, 1601 classes, 6 box values) are the real ones. The expected embeddings are
-computed from the checkpoint tensors with plain torch operations, not with dsran's model.
+The tests write checkpoints with the names and shapes of the authors' modules
+(model_bert.py, GAT.py, pytorch_pretrained_bert, their torchvision-style ResNet152) and
+random values. BERT and the embedding are small, but feature sizes (2048, 1601 classes,
+6 box values) are the real ones. The expected embeddings are computed from the
+checkpoint tensors with plain torch operations, not with dsran's model.
 """
 
 from __future__ import annotations
@@ -535,7 +535,7 @@ def test_convert_records_metadata(k4_run, store):
         "rcnn_enc.fc.weight",
         "rcnn_enc.fc.bias",
     ]
-    # The store's grid features come from random weights, the checkpoint's ResNet is trained.
+    # The store's grid features come from random weights, but the checkpoint's ResNet is trained.
     assert metadata["resnet_comparison"]["status"] == "mismatch"
     assert any("random ResNet152 weights" in warning for warning in metadata["warnings"])
 
@@ -638,8 +638,8 @@ def test_converted_k1_k2_match_reference(tmp_path, branches, store, tokenizer, b
     torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)
 
 
-def test_official_masking_equals_masked_without_padding(k4_run, store, tokenizer):
-    """With every region slot real and captions of exactly max_length tokens, masks change nothing."""
+def test_official_masking_without_padding_unchanged(k4_run, store, tokenizer):
+    """Check that masks change nothing when every region is real and captions fill max_length."""
     from dsran.train.encode import encode_captions, encode_images
     from dsran.train.run import load_run
 
