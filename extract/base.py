@@ -72,7 +72,10 @@ class ExtractorOptions:
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
     precision: str = "auto"  # "auto", "fp32", "bf16" or "fp16"; see resolve_precision
     grid_weights: str | None = None  # torchvision ResNet152 state dict file, or None for the cache
-    random_weights: bool = False  # use seeded random CNN weights when no weights file is found
+    random_weights: bool = False  # use seeded random CNN weights, never a weights file
+    # Use trained weights where a file is found, seeded random weights (with a warning)
+    # where none is: the demo's mode, so it uses real weights when a machine has them.
+    random_if_missing: bool = False
     seed: int = 0  # seed of the random weights
     region_weights: str | None = None  # the detector's detectron2 checkpoint (MILVLG .pth)
     min_boxes: int = 100  # regions kept per image at least (published: 10 to 100; DSRAN: 100)

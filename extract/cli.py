@@ -108,6 +108,12 @@ from dsran.extract.store import FeatureStore, StoreError
     "store records it.",
 )
 @click.option(
+    "--random-weights-if-missing",
+    is_flag=True,
+    help="Use trained weights where a file is found and seeded random weights, with a "
+    "warning, where none is (the demo's mode); the store records which.",
+)
+@click.option(
     "--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="Device."
 )
 @click.option(
@@ -171,6 +177,7 @@ def extract_command(
     region_min_size: int,
     region_max_size: int,
     random_weights: bool,
+    random_weights_if_missing: bool,
     device: str,
     precision: str,
     batch_size: int,
@@ -197,6 +204,7 @@ def extract_command(
         precision=precision,
         grid_weights=str(grid_weights) if grid_weights is not None else None,
         random_weights=random_weights,
+        random_if_missing=random_weights_if_missing,
         region_weights=str(region_weights) if region_weights is not None else None,
         min_boxes=min_boxes,
         max_boxes=max_boxes,

@@ -200,8 +200,10 @@ class GridExtractor:
             weights = None
         else:
             weights = find_grid_weights(options.grid_weights)
-            if weights is None:
+            if weights is None and not options.random_if_missing:
                 raise ExtractorError(missing_weights_message())
+            if weights is None:
+                logger.warning("%s Using random weights instead.", missing_weights_message())
         return cls(weights, device, precision, seed=options.seed)
 
     def settings(self) -> dict[str, Any]:

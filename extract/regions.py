@@ -41,11 +41,36 @@ REGION_PRECISIONS = ("fp32", "bf16", "fp16")
 # init_random_weights); recorded in the settings because it changes the features.
 RANDOM_RESIDUAL_SCALE = 0.2
 PUBLISHED_WEIGHTS = "bua-caffe-frcn-r101-k10-100.pth"
+# File names looked up in torchvision's checkpoint cache when --region-weights is not
+# given: MILVLG's current and older release names of the same converted model.
+CACHED_WEIGHTS = (PUBLISHED_WEIGHTS, "bua-caffe-frcn-r101_with_attributes.pth")
+
+
+def region_weights_cache_dir() -> Path:
+    """torchvision's checkpoint cache, ``torch.hub.get_dir()/checkpoints``, also searched for the detector."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def find_region_weights(path: str | None) -> str | None:
+    """Return the detector weights to load: ``path`` when given, else a file in the cache."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise ExtractorError(
+                f"region weights file not found: {path}. Pass --region-weights a MILVLG "
+                f"detector checkpoint ({PUBLISHED_WEIGHTS}) that exists."
+            )
+        return path
+    for name in CACHED_WEIGHTS:
+        cached = region_weights_cache_dir() / name
+        if cached.is_file():
+            return str(cached)
+    return None
 
 
 def missing_weights_message() -> str:
     return (
-        "no region detector weights given. Pass --region-weights PATH to MILVLG's "
+        f"no region detector weights given or found in {region_weights_cache_dir()}. "
+        "Pass --region-weights PATH to MILVLG's "
         f"{PUBLISHED_WEIGHTS} (the bottom-up-attention Caffe ResNet-101 with attributes, "
         "model zoo of MILVLG/bottom-up-attention.pytorch; older releases name it "
         "bua-caffe-frcn-r101_with_attributes.pth), or pass --random-weights for a test run "
@@ -115,8 +140,11 @@ class RegionExtractor:
                 f"--random-weights and --region-weights {options.region_weights} exclude each "
                 "other; pass one of them"
             )
-        if not options.random_weights and options.region_weights is None:
-            raise ExtractorError(missing_weights_message())
+        weights = None if options.random_weights else find_region_weights(options.region_weights)
+        if weights is None and not options.random_weights:
+            if not options.random_if_missing:
+                raise ExtractorError(missing_weights_message())
+            logger.warning("%s Using random weights instead.", missing_weights_message())
         config = DetectorConfig(
             min_size=options.region_min_size,
             max_size=options.region_max_size,
@@ -130,7 +158,7 @@ class RegionExtractor:
             raise ExtractorError(str(error)) from error
         return cls(
             config,
-            weights=options.region_weights,
+            weights=weights,
             device=device,
             precision=precision,
             class_probs=options.class_probs,

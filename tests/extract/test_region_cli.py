@@ -143,13 +143,33 @@ def test_regions_only_store(region_images, tmp_path):
     assert store.array("regions/class_probs").shape == (2, K, 1601)
 
 
-def test_regions_need_weights_or_random(region_images, tmp_path):
+def test_regions_need_weights_or_random(region_images, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     args = [
         arg for arg in region_args(region_images, tmp_path / "f.zarr") if arg != "--random-weights"
     ]
     result = CliRunner().invoke(cli, [*args, "--no-grid"])
     assert result.exit_code == 1
-    assert "no region detector weights given. Pass --region-weights PATH" in result.output
+    assert "no region detector weights given or found in" in result.output
+    assert "Pass --region-weights PATH" in result.output
+    assert not (tmp_path / "f.zarr").exists()
+
+
+def test_random_weights_if_missing(region_images, tmp_path):
+    """With no weights in the caches, the fallback extracts with random weights and says so."""
+    out = tmp_path / "f.zarr"
+    args = [
+        arg for arg in region_args(region_images, out, "--limit", "2") if arg != "--random-weights"
+    ]
+    process = run_dsran(
+        *args, "--random-weights-if-missing", env={"TORCH_HOME": str(tmp_path / "torch-home")}
+    )
+    assert "no ResNet152 weights found" in process.stderr
+    assert "no region detector weights given or found in" in process.stderr
+    store = FeatureStore.open(out, require_complete=True)
+    assert store.settings["grid"]["random_weights"] is True
+    assert store.settings["regions"]["random_weights"] is True
+    assert store.random_weights
 
 
 def test_show_draws_boxes(region_store, region_images, tmp_path):
