@@ -804,3 +804,10 @@ def test_resnet_file_not_found_reported(tmp_path, k4_checkpoint, bert_folder, mo
     assert "resnet152-b121ed2d.pth" in comparison["message"]
     assert "was not found" in comparison["message"]
     assert "the file name the authors' code loads" in comparison["message"]
+
+
+def test_config_rejects_unknown_region_encoder():
+    from dsran.train.config import ConfigError, resolve_config
+
+    with pytest.raises(ConfigError, match="invalid model.region_encoder 'mlp'.*'official'"):
+        resolve_config(None, ["model.region_encoder=mlp"])
