@@ -153,7 +153,7 @@ def sha256_of(path: Path) -> str:
 
 
 def read_official_checkpoint(path: str | Path, trust_pickle: bool) -> OfficialCheckpoint:
-    """Unpickle an official checkpoint; refuses unless ``trust_pickle`` is True."""
+    """Unpickle an official checkpoint, or raise ConversionError unless ``trust_pickle``."""
     path = Path(path)
     if not trust_pickle:
         raise ConversionError(
@@ -165,7 +165,7 @@ def read_official_checkpoint(path: str | Path, trust_pickle: bool) -> OfficialCh
     try:
         content = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises pickle, zip and unpickling errors here
-        raise ConversionError(f"cannot read checkpoint {path}: {error}") from error
+        raise ConversionError(f"failed to read checkpoint {path}: {error}") from error
     if not isinstance(content, Mapping) or "model" not in content:
         keys = sorted(content) if isinstance(content, Mapping) else type(content).__name__
         raise ConversionError(
