@@ -27,21 +27,15 @@ format: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
-# The demo extracts grid and region features with random CNN weights. The published
-# detector settings (600-pixel input, 300 proposals, 100 regions) take about 14 s per
-# image on 2 CPU cores, so the demo detector sees 200-pixel images and keeps 10 of 10
-# proposals: about 0.5 s per image (benchmarks/README.md).
-DEMO_REGIONS := --region-min-size 200 --region-max-size 333 --region-proposals 10 \
-	--min-boxes 10 --max-boxes 10
-
+# The demo is the DVC pipeline (dvc.yaml) with the sample's parameters (params.yaml):
+# extract grid and region features of the 159 sample images, train on the 80 train2017
+# images, evaluate on the 79 val2017 images, print the report and draw one image's boxes.
 demo: $(STAMP)
-	$(BIN)/dsran extract --images data/coco-mini/images --out demo/feats.zarr \
-		--captions data/coco-mini/annotations/captions_train2017.json \
-		--captions data/coco-mini/annotations/captions_val2017.json \
-		--random-weights $(DEMO_REGIONS)
-	$(BIN)/dsran info demo/feats.zarr
-	$(BIN)/dsran show demo/feats.zarr val2017/000000000139.jpg --images data/coco-mini/images \
-		--out demo/regions_000000000139.png
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m dvc repro
+	$(BIN)/dsran info pipeline/feats.zarr
+	$(BIN)/dsran show pipeline/feats.zarr val2017/000000000139.jpg --images data/coco-mini/images \
+		--out pipeline/regions_000000000139.png
+	cat pipeline/eval/results.md
 
 clean-demo:
-	rm -rf demo
+	rm -rf pipeline dvc.lock
