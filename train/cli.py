@@ -28,7 +28,7 @@ RESUMABLE_SECTIONS = ("run",)
 def _resume_config(
     out: Path, preset: str | None, overrides: tuple[str, ...], text_model: str | None
 ):
-    """The saved config of ``out`` with ``run.*`` overrides; other changes are rejected."""
+    """Load the saved config of ``out`` and apply ``run.*`` overrides; reject other changes."""
     if not (out / CONFIG_FILE).is_file():
         raise click.ClickException(
             f"cannot resume: {out / CONFIG_FILE} not found; start a new run without --resume"

@@ -81,8 +81,8 @@ class DataConfig:
     eval_batch_size: int = 128
     # Maximum caption length in tokens, [CLS] and [SEP] included; longer captions are cut.
     max_length: int = 32
-    # Store chunks read together and shuffled as one buffer; larger buffers mix
-    # samples better and cost memory (a 16-image chunk of grid + 100 regions is about 10 MB).
+    # Store chunks read together and shuffled as one buffer. Larger buffers mix samples
+    # better but cost memory: a 16-image chunk of grid + 100 regions is about 10 MB.
     buffer_chunks: int = 32
     # DataLoader worker processes reading chunks; 0 reads in the training process.
     num_workers: int = 2

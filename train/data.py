@@ -87,7 +87,7 @@ def usable_image_rows(store: FeatureStore, rows: np.ndarray, purpose: str) -> np
 def caption_samples(
     store: FeatureStore, image_rows: np.ndarray, tokenizer, max_length: int
 ) -> CaptionSamples:
-    """Every caption of ``image_rows``, tokenised, in store order."""
+    """Tokenise every caption of ``image_rows``, in store order."""
     text, caption_image = store.captions()
     selected = np.flatnonzero(np.isin(caption_image, image_rows))
     input_ids, lengths = tokenize(tokenizer, [str(text[i]) for i in selected], max_length)
@@ -119,7 +119,7 @@ def epoch_buffers(
     rank: int = 0,
     world_size: int = 1,
 ) -> list[Buffer]:
-    """The buffers of one epoch for process ``rank``, in reading order.
+    """Plan the buffers of one epoch for process ``rank``, in reading order.
 
     ``image_rows`` is ``(M,)``, the image of every sample. Buffers are dealt to the
     processes in turn, so each process reads only its own chunks.
@@ -250,7 +250,7 @@ def _take_batch(
             starts.pop(0)
         else:
             starts[0] = stop
-    batch = {name: torch.cat(values) for name, values in pieces.items()}
+    batch = {name: values[0] if len(values) == 1 else torch.cat(values) for name, values in pieces.items()}
     # Trim padding to the longest caption of the batch.
     longest = int(batch["lengths"].max())
     batch["input_ids"] = batch["input_ids"][:, :longest].long()
@@ -263,7 +263,7 @@ def _take_batch(
 class TrainingBatches:
     """Batches of one epoch for one process: dicts of store arrays and caption tokens.
 
-    A batch holds ``input_ids`` and ``attention_mask`` ``(B, L)``, ``image_rows``
+    A batch contains ``input_ids`` and ``attention_mask`` ``(B, L)``, ``image_rows``
     ``(B,)`` and the model's store arrays with one image row per caption, e.g.
     ``grid/features`` ``(B, 49, 2048)`` float16.
     """

@@ -2,7 +2,7 @@
 
 Shapes use B for the batch, N for nodes of a graph, D for the embedding size. A node
 mask ``(B, N)`` is True on real nodes and False on padding (regions beyond
-``regions/count``, text padding); padding is excluded from attention keys, from
+``regions/count``, text padding). Padding is excluded from attention keys, from
 BatchNorm statistics and from mean pooling, so a padded set gives the numbers of the
 unpadded set.
 """
@@ -365,7 +365,7 @@ class DSRAN(nn.Module):
         return l2_normalize(self.text_encoder(input_ids, attention_mask), self.config.norm_eps)
 
     def forward(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """A training batch -> ``(image embeddings (B, D), caption embeddings (B, D))``."""
+        """Embed a training batch: ``(image embeddings (B, D), caption embeddings (B, D))``."""
         images = self.encode_images(batch)
         captions = self.encode_captions(batch["input_ids"], batch["attention_mask"])
         return images, captions

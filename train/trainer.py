@@ -232,7 +232,7 @@ class MetricsLog:
 
 @dataclass
 class TrainState:
-    """Where training stands; saved with every checkpoint."""
+    """Progress of training, saved with every checkpoint."""
 
     epoch: int = 0  # epoch in progress (0-based)
     epoch_step: int = 0  # optimiser steps already done in that epoch

@@ -141,7 +141,8 @@ def test_dsran_train_cpu_smoke_run(tmp_path):
     captions = encode_captions(
         run.model, run.tokenizer, ["a dog", "a kite and a bench"], run.config.data.max_length
     )
-    assert images.shape == (3, 64) and captions.shape == (2, 64)
+    assert images.shape == (3, 64)
+    assert captions.shape == (2, 64)
     assert images.dtype == captions.dtype == torch.float32
     torch.testing.assert_close(images.norm(dim=1), torch.ones(3), rtol=1e-4, atol=1e-4)
     # The same image encoded alone or among others gives the same embedding.
