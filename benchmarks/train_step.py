@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "train"))
@@ -109,7 +108,9 @@ def step_rate(repeats: int, precision: str) -> float:
 
 def loader_rate(images: int) -> float:
     with tempfile.TemporaryDirectory() as folder:
-        store = random_store(Path(folder) / "feats.zarr", n_images=images, captions_per_image=5, max_boxes=100)
+        store = random_store(
+            Path(folder) / "feats.zarr", n_images=images, captions_per_image=5, max_boxes=100
+        )
         tokenizer = load_tokenizer(str(MINILM))
         samples = caption_samples(store, split_image_rows(store, ["train", "val"]), tokenizer, 32)
         config = DataConfig(batch_size=128, buffer_chunks=8, num_workers=2)
@@ -117,7 +118,9 @@ def loader_rate(images: int) -> float:
         arrays = ("grid/features", "regions/features", "regions/count")
 
         def one_epoch(epoch):
-            for _ in TrainingBatches(store.path, arrays, samples, config, store.chunk_images, 0, epoch, steps):
+            for _ in TrainingBatches(
+                store.path, arrays, samples, config, store.chunk_images, 0, epoch, steps
+            ):
                 pass
 
         one_epoch(0)  # fills the page cache
@@ -128,27 +131,41 @@ def loader_rate(images: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and a smaller loader store")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer repeats and a smaller loader store"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     repeats = 2 if args.quick else 5
 
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
     rate = matmul_rate(repeats)
     print(f"bf16 matmul (19072x1024 @ 1024x1024): {rate:.0f} GFLOP/s")
     for training in (True, False):
         layer = layer_rate(repeats, training)
         label = "training mode, dropout 0.2" if training else "dropout off"
-        print(f"graph-attention layer 128x149x1024 fwd+bwd bf16 ({label}): {layer:.0f} GFLOP/s = {100 * layer / rate:.0f}% of matmul")
+        print(
+            f"graph-attention layer 128x149x1024 fwd+bwd bf16 ({label}): {layer:.0f} GFLOP/s = {100 * layer / rate:.0f}% of matmul"
+        )
     rate_after = matmul_rate(repeats)
-    print(f"bf16 matmul again after the layer runs: {rate_after:.0f} GFLOP/s (the layer's share of the higher rate is the fair figure)")
+    print(
+        f"bf16 matmul again after the layer runs: {rate_after:.0f} GFLOP/s (the layer's share of the higher rate is the fair figure)"
+    )
     fp32 = step_rate(max(2, repeats // 2), "fp32")
     bf16 = step_rate(max(2, repeats // 2), "bf16")
-    print(f"training step, Flickr30K shapes, batch 32: fp32 {fp32:.1f} samples/s, bf16 {bf16:.1f} samples/s ({bf16 / fp32:.2f}x)")
-    print(f"chunked loader, grid + 100 regions + tokens, 2 workers: {loader_rate(128 if args.quick else 384):.0f} samples/s")
+    print(
+        f"training step, Flickr30K shapes, batch 32: fp32 {fp32:.1f} samples/s, bf16 {bf16:.1f} samples/s ({bf16 / fp32:.2f}x)"
+    )
+    print(
+        f"chunked loader, grid + 100 regions + tokens, 2 workers: {loader_rate(128 if args.quick else 384):.0f} samples/s"
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import click
@@ -131,6 +132,8 @@ def train_command(
         state = train(config, feats, out, resume=resume)
     except (ConfigError, StoreError, RunError, TrainingError, TextModelNotFoundError) as error:
         raise click.ClickException(str(error)) from error
+    if os.environ.get("RANK", "0") != "0":
+        return
     if state.epoch >= config.optim.epochs:
         best = f"best epoch {state.best_epoch}" + (
             f", val rsum {state.best_rsum:.1f}" if state.best_rsum > float("-inf") else ""

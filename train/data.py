@@ -250,7 +250,10 @@ def _take_batch(
             starts.pop(0)
         else:
             starts[0] = stop
-    batch = {name: values[0] if len(values) == 1 else torch.cat(values) for name, values in pieces.items()}
+    batch = {
+        name: values[0] if len(values) == 1 else torch.cat(values)
+        for name, values in pieces.items()
+    }
     # Trim padding to the longest caption of the batch.
     longest = int(batch["lengths"].max())
     batch["input_ids"] = batch["input_ids"][:, :longest].long()

@@ -317,6 +317,10 @@ class TextEncoder(nn.Module):
     def __init__(self, config: ModelConfig, backbone: nn.Module):
         super().__init__()
         dim = config.embed_size
+        if getattr(backbone, "pooler", None) is not None:
+            # The pooled [CLS] output is unused. Its parameters would get no gradient,
+            # which DistributedDataParallel rejects.
+            backbone.pooler = None
         self.backbone = backbone
         hidden = int(backbone.config.hidden_size)
         self.project = nn.Sequential(

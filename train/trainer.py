@@ -120,7 +120,7 @@ def lr_lambda(
 
     def factor(step: int) -> float:
         if step < warmup:
-            shape = (step + 1) / warmup
+            shape = min(1.0, (step + 1) / warmup)
         else:
             # 1 at the end of the warm-up, 1 / (total - warmup) at the last step.
             shape = max(0.0, (total - step) / max(total - warmup, 1.0))
@@ -164,6 +164,9 @@ def init_distributed(device_name: str) -> tuple[ProcessInfo, torch.device]:
     if info.distributed and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         logger.info("process %d of %d on %s", info.rank, info.world_size, device)
+        if not info.is_main:
+            # Rank 0 reports progress for every process; the others report errors only.
+            logging.getLogger("dsran").setLevel(logging.ERROR)
     return info, device
 
 
