@@ -82,6 +82,7 @@ def check_store(store: FeatureStore, config: TrainConfig, arrays: tuple[str, ...
         raise TrainingError(
             f"feature store {store.path} has no captions. Re-run `dsran extract` with --captions FILE."
         )
+
     available = sorted(store.splits())
     for name in config.data.train_splits:
         if name not in available:
@@ -96,6 +97,7 @@ def check_store(store: FeatureStore, config: TrainConfig, arrays: tuple[str, ...
             f"it has {', '.join(available) or 'no splits'}. Name another split with --set "
             "data.val_split=NAME, or train without validation with --set data.val_split=null."
         )
+
     warnings = []
     if store.random_weights:
         warnings.append(RANDOM_WEIGHTS_WARNING)
@@ -262,6 +264,8 @@ class Trainer:
         self.config = config
         self.out = Path(out)
         self.resume = resume
+        if config.run.threads is not None:
+            torch.set_num_threads(config.run.threads)
         self.process, self.device = init_distributed(config.run.device)
         self.autocast_dtype = resolve_autocast_dtype(self.device, config.run.precision)
         self.precision_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
@@ -317,6 +321,8 @@ class Trainer:
                 config.optim.lr_decay,
             ),
         )
+        # NOTE: the CUDA paths (fp16 with this scaler, bf16, NCCL) have not run on a GPU.
+        # The CPU paths are tested, DDP over gloo included.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
         self.criterion = TripletLoss(config.loss.margin, config.loss.negatives)
         self.state = TrainState()
