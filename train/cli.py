@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import click
@@ -28,7 +29,7 @@ RESUMABLE_SECTIONS = ("run",)
 def _resume_config(
     out: Path, preset: str | None, overrides: tuple[str, ...], text_model: str | None
 ):
-    """The saved config of ``out`` with ``run.*`` overrides; other changes are rejected."""
+    """Load the saved config of ``out`` and apply ``run.*`` overrides; reject other changes."""
     if not (out / CONFIG_FILE).is_file():
         raise click.ClickException(
             f"cannot resume: {out / CONFIG_FILE} not found; start a new run without --resume"
@@ -131,6 +132,8 @@ def train_command(
         state = train(config, feats, out, resume=resume)
     except (ConfigError, StoreError, RunError, TrainingError, TextModelNotFoundError) as error:
         raise click.ClickException(str(error)) from error
+    if os.environ.get("RANK", "0") != "0":
+        return
     if state.epoch >= config.optim.epochs:
         best = f"best epoch {state.best_epoch}" + (
             f", val rsum {state.best_rsum:.1f}" if state.best_rsum > float("-inf") else ""

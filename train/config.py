@@ -90,8 +90,8 @@ class DataConfig:
     eval_batch_size: int = 128
     # Maximum caption length in tokens, [CLS] and [SEP] included; longer captions are cut.
     max_length: int = 32
-    # Store chunks read together and shuffled as one buffer; larger buffers mix
-    # samples better and cost memory (a 16-image chunk of grid + 100 regions is about 10 MB).
+    # Store chunks read together and shuffled as one buffer. Larger buffers mix samples
+    # better but cost memory: a 16-image chunk of grid + 100 regions is about 10 MB.
     buffer_chunks: int = 32
     # DataLoader worker processes reading chunks; 0 reads in the training process.
     num_workers: int = 2
@@ -150,6 +150,9 @@ class RunConfig:
     sync_batchnorm: bool = False
     # Write TensorBoard event files next to the CSV logs.
     tensorboard: bool = True
+    # CPU threads of torch in the training process; null keeps torch's default (one per
+    # core). On a CPU shared with other jobs, 1 thread can be several times faster.
+    threads: int | None = None
 
 
 @dataclass
@@ -352,6 +355,7 @@ def validate_config(config: TrainConfig) -> None:
         value = getattr(model, name)
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"invalid model.{name} {value!r}; it must be in [0, 1)")
+
     if not data.train_splits:
         raise ConfigError("data.train_splits is empty; name at least one split, e.g. [train]")
     for name in ("batch_size", "eval_batch_size", "buffer_chunks"):
@@ -367,6 +371,7 @@ def validate_config(config: TrainConfig) -> None:
     _check_positive("data.num_workers", data.num_workers, allow_zero=True)
     if data.val_max_images is not None:
         _check_positive("data.val_max_images", data.val_max_images)
+
     _check_positive("optim.epochs", optim.epochs)
     _check_positive("optim.lr", optim.lr)
     _check_positive("optim.adam_eps", optim.adam_eps)
@@ -378,10 +383,14 @@ def validate_config(config: TrainConfig) -> None:
         )
     if optim.grad_clip is not None:
         _check_positive("optim.grad_clip", optim.grad_clip)
+
     _check_positive("loss.margin", loss.margin, allow_zero=True)
     _check_choice("loss.negatives", loss.negatives, ("max", "sum"))
+
     _check_choice("run.precision", run.precision, ("auto", "fp32", "bf16", "fp16"))
     _check_positive("run.log_every", run.log_every)
     _check_positive("run.checkpoint_every", run.checkpoint_every, allow_zero=True)
+    if run.threads is not None:
+        _check_positive("run.threads", run.threads)
     if run.stop_after_steps is not None:
         _check_positive("run.stop_after_steps", run.stop_after_steps)

@@ -167,7 +167,7 @@ def epoch_buffers(
     rank: int = 0,
     world_size: int = 1,
 ) -> list[Buffer]:
-    """The buffers of one epoch for process ``rank``, in reading order.
+    """Plan the buffers of one epoch for process ``rank``, in reading order.
 
     ``image_rows`` is ``(M,)``, the image of every sample. Buffers are dealt to the
     processes in turn, so each process reads only its own chunks.
@@ -298,7 +298,10 @@ def _take_batch(
             starts.pop(0)
         else:
             starts[0] = stop
-    batch = {name: torch.cat(values) for name, values in pieces.items()}
+    batch = {
+        name: values[0] if len(values) == 1 else torch.cat(values)
+        for name, values in pieces.items()
+    }
     # Trim padding to the longest caption of the batch.
     longest = int(batch["lengths"].max())
     batch["input_ids"] = batch["input_ids"][:, :longest].long()
@@ -311,7 +314,7 @@ def _take_batch(
 class TrainingBatches:
     """Batches of one epoch for one process: dicts of store arrays and caption tokens.
 
-    A batch holds ``input_ids`` and ``attention_mask`` ``(B, L)``, ``image_rows``
+    A batch contains ``input_ids`` and ``attention_mask`` ``(B, L)``, ``image_rows``
     ``(B,)`` and the model's store arrays with one image row per caption, e.g.
     ``grid/features`` ``(B, 49, 2048)`` float16.
     """

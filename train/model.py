@@ -2,7 +2,7 @@
 
 Shapes use B for the batch, N for nodes of a graph, D for the embedding size. A node
 mask ``(B, N)`` is True on real nodes and False on padding (regions beyond
-``regions/count``, text padding); padding is excluded from attention keys, from
+``regions/count``, text padding). Padding is excluded from attention keys, from
 BatchNorm statistics and from mean pooling, so a padded set gives the numbers of the
 unpadded set.
 """
@@ -86,6 +86,8 @@ class GraphAttentionLayer(nn.Module):
             # attend to its padding instead, whose outputs are then discarded.
             empty = ~mask.any(dim=1, keepdim=True)
             attention_mask = (mask | empty)[:, None, None, :]
+        # NOTE: with dropout in training, PyTorch's CPU attention leaves its fused kernel
+        # for the unfused path, about a quarter of this layer's time on a 2-core CPU.
         attended = F.scaled_dot_product_attention(
             qkv[0],
             qkv[1],
@@ -160,8 +162,10 @@ class FusionTree(nn.Module):
 # ---------------------------------------------------------------------- feature encoders
 #
 # Encoders map store arrays of one image set to ``(B, N, D)`` nodes. Each declares the
-# store arrays it reads, so the data loader reads exactly those. A new variant is one
-# class and one registry entry.
+# store arrays it reads, so the data loader reads exactly those (any per-image array of
+# the store, e.g. regions/boxes, regions/class_probs, images/width). A new variant is one
+# class and one registry entry. Region encoders must list regions/count, which masks
+# the padding.
 
 
 class LinearGridEncoder(nn.Module):
@@ -402,6 +406,10 @@ class TextEncoder(nn.Module):
     def __init__(self, config: ModelConfig, backbone: nn.Module):
         super().__init__()
         dim = config.embed_size
+        if getattr(backbone, "pooler", None) is not None:
+            # The pooled [CLS] output is unused. Its parameters would get no gradient,
+            # which DistributedDataParallel rejects.
+            backbone.pooler = None
         self.backbone = backbone
         hidden = int(backbone.config.hidden_size)
         self.project = nn.Sequential(
@@ -461,7 +469,7 @@ class DSRAN(nn.Module):
         return l2_normalize(self.text_encoder(input_ids, attention_mask), self.config.norm_eps)
 
     def forward(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """A training batch -> ``(image embeddings (B, D), caption embeddings (B, D))``."""
+        """Embed a training batch: ``(image embeddings (B, D), caption embeddings (B, D))``."""
         images = self.encode_images(batch)
         captions = self.encode_captions(batch["input_ids"], batch["attention_mask"])
         return images, captions

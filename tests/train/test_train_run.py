@@ -52,6 +52,13 @@ def test_schedule_warms_up_decays_and_steps_down():
     assert all(a >= b for a, b in zip(values[3:20], values[4:20], strict=False))
 
 
+def test_schedule_with_less_than_one_warmup_step():
+    factor = lr_lambda([6, 6], warmup_fraction=0.1, lr_update=10, lr_decay=0.1)
+    values = [factor(step) for step in range(12)]
+    assert values[0] == pytest.approx(1 / 1.2)
+    assert max(values) == pytest.approx(1.0)
+
+
 def test_resume_continues_with_identical_losses(tmp_path):
     store = random_store(tmp_path / "feats.zarr", n_images=24, max_boxes=12, chunk_images=4)
     config = resolve_config(None, TINY)
@@ -141,7 +148,8 @@ def test_dsran_train_cpu_smoke_run(tmp_path):
     captions = encode_captions(
         run.model, run.tokenizer, ["a dog", "a kite and a bench"], run.config.data.max_length
     )
-    assert images.shape == (3, 64) and captions.shape == (2, 64)
+    assert images.shape == (3, 64)
+    assert captions.shape == (2, 64)
     assert images.dtype == captions.dtype == torch.float32
     torch.testing.assert_close(images.norm(dim=1), torch.ones(3), rtol=1e-4, atol=1e-4)
     # The same image encoded alone or among others gives the same embedding.
@@ -250,3 +258,40 @@ def test_cli_and_run_folder_agree_on_config_name():
     from dsran.train import run as run_files
 
     assert train_cli.CONFIG_FILE == run_files.CONFIG_FILE
+
+
+def test_torchrun_two_processes_with_sync_batchnorm(tmp_path):
+    store = random_store(tmp_path / "feats.zarr", n_images=48, max_boxes=10, chunk_images=4)
+    out = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "dsran",
+        "train",
+        "--feats",
+        str(store.path),
+        "--out",
+        str(out),
+        *[f"--set={option}" for option in TINY],
+        "--set=data.batch_size=4",
+        "--set=run.sync_batchnorm=true",
+    ]
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("trained") == 1, result.stdout
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["world_size"] == 2
+    # 24 training images with 2 captions each: every process reads half the buffers,
+    # 24 captions or 6 batches of 4 per epoch, for 2 epochs.
+    log = read_log(out / "train_log.csv")
+    assert [int(row["step"]) for row in log] == list(range(1, 13))
+    assert float(log[0]["samples_per_s"]) > 0
+    assert len(read_log(out / "val_metrics.csv")) == 2
+    run = load_run(out)
+    assert run.metadata["best_epoch"] in (1, 2)
