@@ -68,6 +68,10 @@ OFFICIAL_MAX_LENGTH = 32
 UNUSED_PARAMETERS = {
     "rcnn_enc.fc.weight": "Linear(2D, D) of RcnnEncoder, never called in its forward",
     "rcnn_enc.fc.bias": "Linear(2D, D) of RcnnEncoder, never called in its forward",
+    # The authors' TextEncoder reads BERT's last hidden layer only; dsran's text model
+    # drops the pooler, because DistributedDataParallel rejects parameters without grads.
+    "txt_enc.bert.pooler.dense.weight": "BERT pooler, its output is never used",
+    "txt_enc.bert.pooler.dense.bias": "BERT pooler, its output is never used",
 }
 
 GAT_LAYER_NAMES = {

@@ -479,7 +479,7 @@ def test_convert_round_trip_uses_every_tensor(k4_run, k4_checkpoint):
     used = {
         name: tensor
         for name, tensor in official.items()
-        if not name.startswith("img_enc.cnn.") and not name.startswith("rcnn_enc.fc.")
+        if not name.startswith(("img_enc.cnn.", "rcnn_enc.fc.", "txt_enc.bert.pooler."))
     }
 
     def found_in(tensor, candidates):
@@ -531,9 +531,11 @@ def test_convert_records_metadata(k4_run, store):
     assert metadata["best_epoch"] == 9
     assert metadata["val_rsum"] == 501.25
     assert metadata["converted_from"]["opt"]["K"] == 4
-    assert metadata["converted_from"]["ignored_parameters"] == [
-        "rcnn_enc.fc.weight",
+    assert sorted(metadata["converted_from"]["ignored_parameters"]) == [
         "rcnn_enc.fc.bias",
+        "rcnn_enc.fc.weight",
+        "txt_enc.bert.pooler.dense.bias",
+        "txt_enc.bert.pooler.dense.weight",
     ]
     # The store's grid features come from random weights, but the checkpoint's ResNet is trained.
     assert metadata["resnet_comparison"]["status"] == "mismatch"
@@ -559,7 +561,7 @@ def test_convert_reports_unknown_names(tmp_path, tokenizer, bert_folder):
 def test_convert_reports_missing_names(tmp_path, tokenizer, bert_folder):
     state = official_state(2, tokenizer.vocab_size)
     del state["fusion.fusion1.bias"]
-    del state["txt_enc.bert.pooler.dense.weight"]
+    del state["txt_enc.bert.encoder.layer.0.output.dense.weight"]
     del state["gat_2.encoder.0.mha.key.bias"]
     checkpoint = save_official(tmp_path / "ckpt.pth.tar", state, official_options(2))
     result = convert(
@@ -568,7 +570,7 @@ def test_convert_reports_missing_names(tmp_path, tokenizer, bert_folder):
     )  # fmt: skip
     assert result.exit_code == 1
     assert "image_encoder.fusion.pairs.0.gate_b.bias" in result.output
-    assert "text_encoder.backbone.pooler.dense.weight" in result.output
+    assert "text_encoder.backbone.encoder.layer.0.output.dense.weight" in result.output
     assert "image_encoder.region_ssr.layers.0.qkv.bias (no mha.key)" in result.output
 
 
