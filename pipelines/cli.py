@@ -6,7 +6,12 @@ from pathlib import Path
 import click
 from dsran.evaluate.cli import eval_command
 from dsran.extract.cli import extract_command, import_command, info_command, show_command
-from dsran.pipelines.params import PARAMS_FILE, check_option_names, load_default_map
+from dsran.pipelines.params import (
+    PARAMS_FILE,
+    check_option_names,
+    load_default_map,
+    pipeline_params_file,
+)
 from dsran.train.cli import convert_official_command, train_command
 
 from dsran import __version__
@@ -37,15 +42,15 @@ def setup_logging(verbose: int) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help=f"YAML file whose sections (extract, train, eval) set command defaults. "
-    f"Default: ./{PARAMS_FILE} when it exists.",
+    f"Default: ./{PARAMS_FILE} inside a DVC stage (when DVC_STAGE is set), else none.",
 )
-@click.option("--no-params", is_flag=True, help=f"Ignore ./{PARAMS_FILE} even when it exists.")
+@click.option("--no-params", is_flag=True, help=f"Ignore ./{PARAMS_FILE} even inside a DVC stage.")
 @click.pass_context
 def cli(ctx: click.Context, verbose: int, params_path: Path | None, no_params: bool) -> None:
     """DSRAN image-text matching: extract features, train, evaluate."""
     setup_logging(verbose)
-    if params_path is None and not no_params and Path(PARAMS_FILE).is_file():
-        params_path = Path(PARAMS_FILE)
+    if params_path is None and not no_params:
+        params_path = pipeline_params_file()
     if params_path is None:
         return
     if not params_path.is_file():

@@ -4,11 +4,17 @@ The pipeline's stages run ``dsran extract``, ``dsran train`` and ``dsran eval`` 
 options; each command takes its defaults from the section of ``params.yaml`` with its
 name. Keys are the commands' option names with underscores (``random_weights``,
 ``store_split``). Options given on the command line always win.
+
+The file is read by itself only inside a DVC stage, which DVC marks by setting
+``DVC_STAGE`` in the command's environment; elsewhere ``dsran --params FILE`` names it.
+A command typed in the repository folder therefore never takes the sample's settings
+(random weights among them) without being asked to.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +25,14 @@ import yaml
 logger = logging.getLogger(__name__)
 
 PARAMS_FILE = "params.yaml"
+
+
+def pipeline_params_file() -> Path | None:
+    """Return ``./params.yaml`` when this process runs as a DVC stage and the file exists."""
+    if not os.environ.get("DVC_STAGE"):
+        return None
+    path = Path(PARAMS_FILE)
+    return path if path.is_file() else None
 
 
 def load_default_map(path: Path, command_names: set[str]) -> dict[str, dict[str, Any]]:

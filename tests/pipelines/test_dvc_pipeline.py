@@ -130,7 +130,7 @@ def test_repro_writes_metrics_then_reruns_train_only(pipeline_repo):
 def test_repro_resumes_interrupted_extraction(pipeline_repo):
     """A store left by an interrupted run persists through `dvc repro`, which finishes it."""
     repo = pipeline_repo
-    run([sys.executable, "-m", "dsran", "extract", "--limit", "4"], repo)
+    run([sys.executable, "-m", "dsran", "--params", "params.yaml", "extract", "--limit", "4"], repo)
     partial = FeatureStore.open(repo / "pipeline" / "feats.zarr")
     assert len(partial) == 4
     created = partial.attrs["provenance"]["created_utc"]
