@@ -202,8 +202,11 @@ def markdown_report(results: Mapping[str, Any]) -> str:
         "",
     ]
     for model in results["models"]:
+        # A run trained without a validation split has no val_rsum (null in its metadata).
         details = ", ".join(
-            f"{key} {model[key]}" for key in ("best_epoch", "val_rsum") if key in model
+            f"{key} {model[key]}"
+            for key in ("best_epoch", "val_rsum")
+            if model.get(key) is not None
         )
         lines.append(f"- model `{model['path']}`" + (f" ({details})" if details else ""))
     store = results["store"]
