@@ -140,17 +140,33 @@ def build_eval_set(
 def load_eval_set(store: FeatureStore, split: str) -> EvalSet:
     """Read a split's images and captions from a feature store.
 
-    Raises StoreError when the split is missing or some of its images have no features.
+    Images that extraction recorded as failed are left out with their captions, with a
+    warning, as training leaves them out. Raises StoreError when the split is missing
+    or some of its images are still pending (an unfinished extraction).
     """
     rows = store.split(split)
     done = store.done()[rows]
-    if not done.all():
-        paths = store.image_paths()[rows[~done]]
+    failed = store.failed()[rows] & ~done
+    pending = ~done & ~failed
+    if pending.any():
+        paths = store.image_paths()[rows[pending]]
         raise StoreError(
-            f"{int((~done).sum())} of {len(rows)} images of split {split!r} in {store.path} have "
-            f"no features (first: {paths[0]}). Finish the extraction with the same "
+            f"{int(pending.sum())} of {len(rows)} images of split {split!r} in {store.path} have "
+            f"no features yet (first: {paths[0]}). Finish the extraction with the same "
             "`dsran extract` command, or evaluate a split whose images all have features."
         )
+    if failed.any():
+        paths = store.image_paths()[rows[failed]]
+        logger.warning(
+            "leaving out %d of %d images of split %r that failed extraction (first: %s); "
+            "`dsran info %s` lists the reasons",
+            int(failed.sum()),
+            len(rows),
+            split,
+            paths[0],
+            store.path,
+        )
+        rows = rows[~failed]
     texts, caption_image_rows = store.captions()
     return build_eval_set(split, rows, caption_image_rows, store.image_paths(), texts)
 

@@ -390,3 +390,8 @@ def show_command(
     except (StoreError, FileNotFoundError, ImageLoadError, ValueError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"wrote {out}")
+    if (feature_store.settings.get("regions") or {}).get("random_weights"):
+        click.echo(
+            "WARNING: the regions come from a detector with random weights, so the boxes and "
+            "labels are not detections."
+        )

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 from dsran.extract.base import ExtractorOptions, FeatureExtractor, build_extractor
-from dsran.extract.captions import match_captions
+from dsran.extract.captions import MatchedCaptions, match_captions
 from dsran.extract.images import ImageLoadError, discover_images, load_rgb
 from dsran.extract.store import DEFAULT_CHUNK_IMAGES, FeatureStore, StoreError
 from torch.utils.data import DataLoader, Dataset
@@ -86,10 +86,17 @@ def run_extraction(config: ExtractConfig) -> FeatureStore:
         image_paths = image_paths[: config.limit]
     if not image_paths:
         raise StoreError(f"no image files found under {config.images}")
+    # A new store's captions are matched before it is created, so that a bad caption
+    # file leaves nothing on disk.
+    matched = None
+    if config.captions and not config.out.exists():
+        matched = _match_captions(config.captions, image_paths)
     store = _open_or_create(config, image_paths, settings)
 
     if config.captions:
-        _write_captions(store, config.captions)
+        if matched is None:
+            matched = _match_captions(config.captions, list(store.image_paths()))
+        _write_captions(store, matched)
     _repair_failure_records(store, config.images)
 
     pending = pending_chunks(store)
@@ -173,8 +180,20 @@ def _open_or_create(
     return store
 
 
-def _write_captions(store: FeatureStore, caption_files: Sequence[Path]) -> None:
-    matched = match_captions(caption_files, list(store.image_paths()))
+def _match_captions(caption_files: Sequence[Path], image_paths: list[str]) -> MatchedCaptions:
+    """Match the caption files to ``image_paths``; raise when no caption names any image."""
+    matched = match_captions(caption_files, image_paths)
+    if len(matched.text) == 0:
+        files = ", ".join(str(path) for path in caption_files)
+        raise StoreError(
+            f"no caption of {files} names one of the {len(image_paths)} images found "
+            f"(first: {image_paths[0]}). Check that the caption files belong to this "
+            "image folder, or leave out --captions."
+        )
+    return matched
+
+
+def _write_captions(store: FeatureStore, matched: MatchedCaptions) -> None:
     store.write_captions(matched.text, matched.image)
     store.write_splits(matched.splits)
     logger.info(
@@ -210,20 +229,18 @@ def _repair_failure_records(store: FeatureStore, images_root: Path) -> None:
 
 
 def pending_chunks(store: FeatureStore) -> list[int]:
-    """Return the chunk indices with at least one row that is neither done nor failed.
+    """Return the chunk indices with at least one row that is not done.
 
-    Failed rows count as finished, so a later run does not retry them.
+    Failed rows count as pending, so every run tries them again: an image that was
+    fixed since is extracted, one that still fails keeps its failure record.
     """
-    finished = store.done() | store.failed()
-    return [
-        chunk for chunk in range(store.num_chunks) if not finished[store.chunk_rows(chunk)].all()
-    ]
+    done = store.done()
+    return [chunk for chunk in range(store.num_chunks) if not done[store.chunk_rows(chunk)].all()]
 
 
 def _pending_rows(store: FeatureStore, chunk: int) -> np.ndarray:
     rows = store.chunk_rows(chunk)
-    finished = (store.array("images/done")[rows]) | (store.array("images/failed")[rows])
-    return np.flatnonzero(~finished) + rows.start
+    return np.flatnonzero(~store.array("images/done")[rows]) + rows.start
 
 
 # ---------------------------------------------------------------------- chunks

@@ -563,6 +563,18 @@ class FeatureStore:
             lines.append(f"  captions: {len(text)} for {len(np.unique(image))} images")
         for name, rows in self.splits().items():
             lines.append(f"  split {name}: {len(rows)} images")
+        for kind, section in self.settings.items():
+            if not section:
+                continue
+            if section.get("random_weights"):
+                weights = f"random weights (seed {section.get('random_seed', '?')})"
+            elif section.get("weights"):
+                weights = (
+                    f"{section['weights']} (sha256 {str(section.get('weights_sha256'))[:12]}...)"
+                )
+            else:
+                weights = f"imported ({section.get('source_format', 'unknown format')})"
+            lines.append(f"  {kind} weights: {weights}, precision {section.get('precision', '-')}")
         if self.random_weights:
             lines.append("  WARNING: features come from randomly initialised CNN weights")
         for item in self.failures[:10]:

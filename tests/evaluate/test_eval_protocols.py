@@ -222,8 +222,9 @@ def test_ensemble_shape_mismatch_rejected():
         evaluate_protocol("test", eval_set, [torch.zeros(3, 4)], [torch.zeros(2, 4)])
 
 
-def make_store(path, done):
+def make_store(path, done, failed=None):
     """A store without features whose rows 0..len(done)-1 are marked done or not."""
+    failed = np.zeros(len(done), dtype=bool) if failed is None else np.asarray(failed)
     num_images = len(done)
     store = FeatureStore.create(
         path, [f"im{i}.jpg" for i in range(num_images)], {"grid": None, "regions": None}
@@ -236,7 +237,7 @@ def make_store(path, done):
             {
                 "images/width": np.full(count, 64),
                 "images/height": np.full(count, 48),
-                "images/failed": np.zeros(count, dtype=bool),
+                "images/failed": failed[rows],
                 "images/done": np.asarray(done[rows]),
             },
         )
@@ -260,3 +261,15 @@ def test_load_eval_set_rejects_unfinished_images(tmp_path):
     store = make_store(tmp_path / "feats.zarr", [True, True, False, True])
     with pytest.raises(StoreError, match="1 of 2 images of split 'test'.*first: im2.jpg"):
         load_eval_set(store, "test")
+
+
+def test_load_eval_set_leaves_out_failed_images(tmp_path, caplog):
+    store = make_store(
+        tmp_path / "feats.zarr", [True, True, False, True], [False, False, True, False]
+    )
+    with caplog.at_level("WARNING"):
+        eval_set = load_eval_set(store, "test")
+    assert eval_set.image_paths.tolist() == ["im3.jpg"]
+    assert eval_set.caption_texts.tolist() == ["c4"]
+    assert eval_set.caption_image.tolist() == [0]
+    assert "leaving out 1 of 2 images of split 'test' that failed extraction" in caplog.text

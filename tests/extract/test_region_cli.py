@@ -181,6 +181,7 @@ def test_show_draws_boxes(region_store, region_images, tmp_path):
         cli, ["show", str(out), path, "--images", str(region_images), "--out", str(picture)]
     )
     assert result.exit_code == 0, result.output
+    assert "detector with random weights" in result.output
     with Image.open(picture) as drawn, Image.open(region_images / path) as original:
         assert drawn.size == original.size
         changed = np.abs(

@@ -173,6 +173,70 @@ def test_bad_images_recorded_and_run_goes_on(tmp_path):
     assert FeatureStore.open(tmp_path / "feats.zarr").failures == recorded
 
 
+def test_failed_image_retried_after_fix(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    photos = sorted((SAMPLE_IMAGES / "val2017").glob("*.jpg"))[:2]
+    shutil.copyfile(photos[0], images / "a.jpg")
+    (images / "b.jpg").write_bytes(b"")
+    config = ExtractConfig(
+        images=images,
+        out=tmp_path / "feats.zarr",
+        options=ExtractorOptions(random_weights=True),
+        batch_size=2,
+        num_workers=0,
+        chunk_images=2,
+    )
+    run_extraction(config)
+    store = FeatureStore.open(tmp_path / "feats.zarr")
+    assert store.failed().tolist() == [False, True]
+    assert [item["path"] for item in store.failures] == ["b.jpg"]
+    first_row = store.array("grid/features")[0]
+
+    shutil.copyfile(photos[1], images / "b.jpg")
+    run_extraction(config)
+    store = FeatureStore.open(tmp_path / "feats.zarr", require_complete=True)
+    assert store.done().tolist() == [True, True]
+    assert store.failed().tolist() == [False, False]
+    assert store.failures == []
+    assert np.array_equal(store.array("grid/features")[0], first_row)
+    assert store.array("grid/features")[1].any()
+
+
+def test_bad_caption_file_writes_no_store(tmp_path, mini_images):
+    out = tmp_path / "feats.zarr"
+    bad = tmp_path / "captions.json"
+    bad.write_text("[1, 2, 3]")
+    args = ["--no-params", *extract_args(mini_images, out, "--limit", "2")]
+    args = [arg for arg in args if arg not in [str(path) for path in CAPTION_FILES]]
+    args = [arg for arg in args if arg != "--captions"]
+    result = CliRunner().invoke(cli, [*args, "--captions", str(bad)])
+    assert result.exit_code == 1
+    assert str(bad) in result.output
+    assert not out.exists()
+
+
+def test_captions_matching_no_image_rejected(tmp_path, mini_images):
+    out = tmp_path / "feats.zarr"
+    unrelated = tmp_path / "captions_train2017.json"
+    unrelated.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "elsewhere.jpg"}],
+                "annotations": [{"id": 1, "image_id": 1, "caption": "A dog."}],
+            }
+        )
+    )
+    args = ["--no-params", *extract_args(mini_images, out, "--limit", "2")]
+    args = [arg for arg in args if arg not in [str(path) for path in CAPTION_FILES]]
+    args = [arg for arg in args if arg != "--captions"]
+    result = CliRunner().invoke(cli, [*args, "--captions", str(unrelated)])
+    assert result.exit_code == 1
+    assert "no caption of" in result.output
+    assert "names one of the 2 images found" in result.output
+    assert not out.exists()
+
+
 def test_limit_then_append(tmp_path):
     images = tmp_path / "images"
     images.mkdir()

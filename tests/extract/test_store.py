@@ -51,6 +51,7 @@ def test_round_trip(tmp_path):
     assert reopened.failures == [{"path": "a.png", "reason": "bad"}]
     assert reopened.random_weights
     assert "WARNING: features come from randomly initialised CNN weights" in reopened.summary()
+    assert "grid weights: random weights" in reopened.summary()
 
 
 def test_append_images_keeps_rows(tmp_path):
