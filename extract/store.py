@@ -350,7 +350,19 @@ class FeatureStore:
 
     def check_settings(self, settings: Mapping[str, Any]) -> None:
         """Reject a request to add features made with other extractor settings."""
-        differences = _settings_differences(self.settings, settings)
+        stored = self.settings
+        for kind in sorted(set(stored) | set(settings)):
+            has, wants = bool(stored.get(kind)), bool(settings.get(kind))
+            if has != wants:
+                flag = f"--{kind}" if has else f"--no-{kind}"
+                state = "has" if has else "has no"
+                noun = {"regions": "region"}.get(kind, kind)
+                raise StoreError(
+                    f"feature store {self.path} {state} {noun} features, but this run "
+                    f"{'skips' if has else 'asks for'} them. Run with {flag}, or write to a "
+                    "new --out path."
+                )
+        differences = _settings_differences(stored, settings)
         if differences:
             raise StoreError(
                 f"feature store {self.path} was written with other extractor settings: "

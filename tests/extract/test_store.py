@@ -132,6 +132,21 @@ def test_settings_mismatch(tmp_path):
     store.check_settings(SETTINGS)
 
 
+def test_settings_mismatch_feature_kinds(tmp_path):
+    store = make_store(tmp_path / "s.zarr")
+    no_grid = {"grid": None, "regions": None}
+    with pytest.raises(
+        StoreError, match="has grid features, but this run skips them. Run with --grid"
+    ):
+        store.check_settings(no_grid)
+    with_regions = {**SETTINGS, "regions": {"max_boxes": 10}}
+    with pytest.raises(
+        StoreError,
+        match="has no region features, but this run asks for them. Run with --no-regions",
+    ):
+        store.check_settings(with_regions)
+
+
 def test_duplicate_paths(tmp_path):
     with pytest.raises(StoreError, match="'a.jpg' appears twice"):
         make_store(tmp_path / "s.zarr", paths=["a.jpg", "b.jpg", "a.jpg"])
