@@ -183,6 +183,23 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
         yield
 
 
+def weights_settings(
+    weights: Path | None, weights_sha256: str | None, seed: int, residual_scale: float
+) -> dict[str, Any]:
+    """Return the store settings that identify an extractor's weights.
+
+    Trained weights are named by file name and sha256; random ones by their seed and
+    the residual scale of their initialisation, because both change the features.
+    """
+    if weights is None:
+        return {
+            "random_weights": True,
+            "random_seed": seed,
+            "random_residual_scale": residual_scale,
+        }
+    return {"random_weights": False, "weights": weights.name, "weights_sha256": weights_sha256}
+
+
 def sha256_file(path: str | Path, block_size: int = 1 << 20) -> str:
     """Return the hex sha256 of a file, read in blocks."""
     digest = hashlib.sha256()

@@ -285,7 +285,7 @@ def info_command(store: str) -> None:
     type=click.IntRange(min=1),
     default=100,
     show_default=True,
-    help="Regions per image the store holds (K); images with fewer are padded.",
+    help="Regions per image in the store (K); images with fewer are padded.",
 )
 @click.option(
     "--chunk-images",

@@ -20,6 +20,7 @@ from dsran.extract.base import (
     resolve_device,
     resolve_precision,
     sha256_file,
+    weights_settings,
 )
 from dsran.extract.store import FEATURE_DIM, GRID_CELLS
 from PIL import Image
@@ -221,14 +222,10 @@ class GridExtractor:
                 "mean": list(IMAGENET_MEAN),
                 "std": list(IMAGENET_STD),
             },
-            "random_weights": self.weights is None,
         }
-        if self.weights is None:
-            settings["random_seed"] = self.seed
-            settings["random_residual_scale"] = RANDOM_RESIDUAL_SCALE
-        else:
-            settings["weights"] = self.weights.name
-            settings["weights_sha256"] = self.weights_sha256
+        settings.update(
+            weights_settings(self.weights, self.weights_sha256, self.seed, RANDOM_RESIDUAL_SCALE)
+        )
         return settings
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:

@@ -21,6 +21,7 @@ from dsran.extract.base import (
     resolve_device,
     resolve_precision,
     sha256_file,
+    weights_settings,
 )
 from dsran.extract.detector import (
     PIXEL_MEAN_BGR,
@@ -179,15 +180,11 @@ class RegionExtractor:
             "pixel_mean_bgr": list(PIXEL_MEAN_BGR),
             "box_source": "rpn proposals",
             "class_probs": self.class_probs,
-            "random_weights": self.weights is None,
             **self.config.to_dict(),
         }
-        if self.weights is None:
-            settings["random_seed"] = self.seed
-            settings["random_residual_scale"] = RANDOM_RESIDUAL_SCALE
-        else:
-            settings["weights"] = self.weights.name
-            settings["weights_sha256"] = self.weights_sha256
+        settings.update(
+            weights_settings(self.weights, self.weights_sha256, self.seed, RANDOM_RESIDUAL_SCALE)
+        )
         return settings
 
     def preprocess(self, image: Image.Image) -> DetectorInput:

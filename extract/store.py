@@ -268,7 +268,7 @@ class FeatureStore:
         return -(-len(self) // self.chunk_images)
 
     def chunk_rows(self, chunk: int) -> slice:
-        """The rows of every per-image array that chunk index ``chunk`` covers."""
+        """Return the rows of every per-image array that chunk ``chunk`` covers."""
         start = chunk * self.chunk_images
         return slice(start, min(start + self.chunk_images, len(self)))
 
@@ -395,7 +395,7 @@ class FeatureStore:
 
         :meth:`append_images` resizes the per-image arrays, then ``images/path``, then
         writes the new paths. A crash in between leaves arrays longer than
-        ``images/path``, or trailing empty paths. Neither kind of row holds data, so
+        ``images/path``, or trailing empty paths. Neither kind of row contains data, so
         both are dropped; the next run appends those images again.
         """
         paths = self.group["images/path"]
@@ -555,7 +555,7 @@ class FeatureStore:
         return splits[name]
 
     def summary(self) -> str:
-        """A short human-readable description of the store's contents."""
+        """Describe the store's contents, settings and failures in a few lines."""
         done, failed = self.done(), self.failed()
         lines = [
             f"feature store {self.path} (schema {SCHEMA_VERSION})",

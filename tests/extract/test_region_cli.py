@@ -7,11 +7,8 @@ sizes and counts.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
-import subprocess
 
 import numpy as np
 import pytest
@@ -21,14 +18,13 @@ from dsran.pipelines.cli import cli
 from PIL import Image
 
 from tests.extract.conftest import (
-    DSRAN,
     SAMPLE_IMAGES,
     assert_same_store,
     extract_args,
     run_dsran,
 )
 from tests.extract.test_importers import _regions, write_milvlg_npz
-from tests.extract.test_runner import wait_for_done_rows
+from tests.extract.test_runner import kill_after_done_rows
 
 K = 6
 REGION_ARGS = (
@@ -106,17 +102,7 @@ def test_resume_after_sigkill_with_regions(region_store, region_images, tmp_path
     reference, _ = region_store
     out = tmp_path / "feats.zarr"
     args = region_args(region_images, out, "--num-workers", "1")
-    process = subprocess.Popen(
-        [*DSRAN, *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        done_at_kill = wait_for_done_rows(out, process, minimum=1)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+    done_at_kill = kill_after_done_rows(args, out, minimum=1)
     partial = FeatureStore.open(out)
     assert not (partial.done() | partial.failed()).all(), "the run finished before the kill"
 
@@ -156,7 +142,7 @@ def test_regions_need_weights_or_random(region_images, tmp_path, monkeypatch):
 
 
 def test_random_weights_if_missing(region_images, tmp_path):
-    """With no weights in the caches, the fallback extracts with random weights and says so."""
+    """With no weights in the caches, the fallback extracts with random weights and logs a warning."""
     out = tmp_path / "f.zarr"
     args = [
         arg for arg in region_args(region_images, out, "--limit", "2") if arg != "--random-weights"

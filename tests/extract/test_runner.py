@@ -98,10 +98,8 @@ def wait_for_done_rows(out: Path, process: subprocess.Popen, minimum: int) -> in
     raise AssertionError("no chunk was written within 300 s")
 
 
-def test_resume_after_sigkill(reference_store, mini_images, tmp_path):
-    reference, _ = reference_store
-    out = tmp_path / "feats.zarr"
-    args = extract_args(mini_images, out, "--num-workers", "1")
+def kill_after_done_rows(args: list[str], out: Path, minimum: int) -> int:
+    """Start `dsran ARGS`, SIGKILL it once `minimum` rows of `out` are done; return the count."""
     process = subprocess.Popen(
         [*DSRAN, *args],
         stdout=subprocess.DEVNULL,
@@ -109,10 +107,17 @@ def test_resume_after_sigkill(reference_store, mini_images, tmp_path):
         start_new_session=True,
     )
     try:
-        done_at_kill = wait_for_done_rows(out, process, minimum=2)
+        return wait_for_done_rows(out, process, minimum)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def test_resume_after_sigkill(reference_store, mini_images, tmp_path):
+    reference, _ = reference_store
+    out = tmp_path / "feats.zarr"
+    args = extract_args(mini_images, out, "--num-workers", "1")
+    done_at_kill = kill_after_done_rows(args, out, minimum=2)
     assert done_at_kill < 10, "the run finished before it could be killed"
     partial = FeatureStore.open(out)
     assert not (partial.done() | partial.failed()).all()
@@ -203,14 +208,18 @@ def test_failed_image_retried_after_fix(tmp_path):
     assert store.array("grid/features")[1].any()
 
 
+def extract_args_with_captions(images: Path, out: Path, caption_file: Path) -> list[str]:
+    """`extract_args` for the first 2 images with `caption_file` as the only captions."""
+    sample_files = {"--captions", *(str(path) for path in CAPTION_FILES)}
+    args = [arg for arg in extract_args(images, out, "--limit", "2") if arg not in sample_files]
+    return ["--no-params", *args, "--captions", str(caption_file)]
+
+
 def test_bad_caption_file_writes_no_store(tmp_path, mini_images):
     out = tmp_path / "feats.zarr"
     bad = tmp_path / "captions.json"
     bad.write_text("[1, 2, 3]")
-    args = ["--no-params", *extract_args(mini_images, out, "--limit", "2")]
-    args = [arg for arg in args if arg not in [str(path) for path in CAPTION_FILES]]
-    args = [arg for arg in args if arg != "--captions"]
-    result = CliRunner().invoke(cli, [*args, "--captions", str(bad)])
+    result = CliRunner().invoke(cli, extract_args_with_captions(mini_images, out, bad))
     assert result.exit_code == 1
     assert str(bad) in result.output
     assert not out.exists()
@@ -227,10 +236,7 @@ def test_captions_matching_no_image_rejected(tmp_path, mini_images):
             }
         )
     )
-    args = ["--no-params", *extract_args(mini_images, out, "--limit", "2")]
-    args = [arg for arg in args if arg not in [str(path) for path in CAPTION_FILES]]
-    args = [arg for arg in args if arg != "--captions"]
-    result = CliRunner().invoke(cli, [*args, "--captions", str(unrelated)])
+    result = CliRunner().invoke(cli, extract_args_with_captions(mini_images, out, unrelated))
     assert result.exit_code == 1
     assert "no caption of" in result.output
     assert "names one of the 2 images found" in result.output
